@@ -1,0 +1,152 @@
+"""Hypothesis strategies shared by every method's tests.
+
+* ``shapes``: 2-D shapes around tile edges (1, 15/16/17, 31/32/33, 63/64/65, 127/128/129) and
+  primes such as 113 x 203, plus empty dimensions when asked.
+* ``float_arrays``: finite random-normal data with a random scale, optionally with planted
+  outlier rows/columns and all-zero rows.
+* ``bit_patterns``: arrays of raw fp16/bf16/fp32 bit patterns (every class: zeros, subnormals,
+  normals, Inf, NaN).
+* ``fp_formats`` / ``int_formats``: random ExMy formats (ebits + mbits <= 7, all three
+  ``specials``, signed and unsigned) and n-bit ints — defined next to the formats section.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from hypothesis import strategies as st
+
+TILE_EDGES = [1, 2, 3, 7, 15, 16, 17, 31, 32, 33, 63, 64, 65, 113, 127, 128, 129, 203]
+
+
+def dims(max_value: int = 203, allow_zero: bool = False) -> st.SearchStrategy[int]:
+    edges = [d for d in TILE_EDGES if d <= max_value] + ([0] if allow_zero else [])
+    return st.one_of(st.sampled_from(edges), st.integers(1, max_value))
+
+
+def shapes(max_rows: int = 203, max_cols: int = 203, allow_zero: bool = False):
+    return st.tuples(dims(max_rows, allow_zero), dims(max_cols, allow_zero))
+
+
+@st.composite
+def float_arrays(
+    draw,
+    shape=None,
+    dtype=np.float32,
+    scale=None,
+    outlier_rows: bool = False,
+    outlier_cols: bool = False,
+    zero_rows: bool = False,
+    max_rows: int = 129,
+    max_cols: int = 129,
+):
+    """Random-normal data times a random power-of-ten scale, with optional structure."""
+    if shape is None:
+        shape = draw(shapes(max_rows, max_cols))
+    seed = draw(st.integers(0, 2**32 - 1))
+    rng = np.random.default_rng(seed)
+    if scale is None:
+        scale = 10.0 ** draw(st.integers(-3, 3))
+    x = rng.standard_normal(shape) * scale
+    if len(shape) == 2 and shape[0] and shape[1]:
+        if outlier_cols and draw(st.booleans()):
+            cols = rng.choice(shape[1], size=max(1, shape[1] // 50), replace=False)
+            x[:, cols] *= draw(st.sampled_from([10.0, 30.0, 100.0]))
+        if outlier_rows and draw(st.booleans()):
+            rows = rng.choice(shape[0], size=max(1, shape[0] // 50), replace=False)
+            x[rows, :] *= draw(st.sampled_from([10.0, 30.0, 100.0]))
+        if zero_rows and draw(st.booleans()):
+            x[rng.integers(0, shape[0])] = 0.0
+    return _cast(x, dtype)
+
+
+def _cast(x: np.ndarray, dtype) -> np.ndarray:
+    if np.dtype(dtype).name == "bfloat16":
+        return x.astype(np.float32).astype(dtype)
+    return x.astype(dtype)
+
+
+def bit_patterns(dtype=np.float16, size: int = 256):
+    """Arrays of raw bit patterns reinterpreted as floats (every class of value appears)."""
+    uint = {2: np.uint16, 4: np.uint32}[np.dtype(dtype).itemsize]
+    hi = 2 ** (8 * np.dtype(dtype).itemsize) - 1
+    return st.lists(st.integers(0, hi), min_size=0, max_size=size).map(
+        lambda v: np.array(v, dtype=uint).view(dtype)
+    )
+
+
+float_dtypes = st.sampled_from(["float16", "bfloat16", "float32", "float64"])
+
+
+def numpy_dtype(name: str):
+    if name == "bfloat16":
+        import ml_dtypes
+
+        return ml_dtypes.bfloat16
+    return np.dtype(name)
+
+
+# ---- number formats ------------------------------------------------------------------------------
+
+
+@st.composite
+def fp_formats(draw, max_bits: int = 8, specials=("none", "fn", "ieee"), signed=None):
+    """Random valid ExMy formats: ebits + mbits <= max_bits - 1, all three ``specials``,
+    signed and unsigned, biases around the default."""
+    from lowbit.reference.formats import FPFormat
+
+    ebits = draw(st.integers(1, max_bits - 1))
+    mbits = draw(st.integers(0, max_bits - 1 - ebits))
+    spec = draw(st.sampled_from(specials))
+    if spec == "ieee" and mbits == 0:
+        spec = "fn"
+    is_signed = draw(st.booleans()) if signed is None else signed
+    default_bias = 2 ** (ebits - 1) - 1
+    bias = draw(st.one_of(st.none(), st.integers(default_bias - 3, default_bias + 3)))
+    try:
+        return FPFormat(ebits, mbits, bias=bias, specials=spec, signed=is_signed)
+    except ValueError:  # e.g. E1M0 "fn" (no finite value), E8M0 "none" (max beyond float32)
+        from hypothesis import reject
+
+        reject()
+
+
+def int_formats(max_bits: int = 8):
+    from lowbit.reference.formats import IntFormat
+
+    return st.builds(IntFormat, st.integers(2, max_bits), st.booleans())
+
+
+def named_formats():
+    from lowbit.reference.formats import NAMED_FORMATS
+
+    return st.sampled_from(sorted(k for k, f in NAMED_FORMATS.items() if f.bits <= 8))
+
+
+@st.composite
+def values_for(draw, fmt, shape=None, max_side: int = 67):
+    """Float64 arrays that exercise every region of ``fmt``: exact grid points, midpoints
+    (ties), subnormals, overflow, zeros of both signs, and (if the format has them) Inf/NaN."""
+    from lowbit.reference.formats import values
+
+    grid = values(fmt)
+    grid = grid[np.isfinite(grid)]
+    if shape is None:
+        shape = draw(st.tuples(st.integers(0, max_side), st.integers(1, 5)))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    n = int(np.prod(shape))
+    pick = rng.choice(grid, size=n) if grid.size else np.zeros(n)
+    pick2 = rng.choice(grid, size=n) if grid.size else np.zeros(n)
+    top = float(np.max(np.abs(grid))) if grid.size else 1.0
+    kind = rng.integers(0, 6, size=n)
+    x = np.select(
+        [kind == 0, kind == 1, kind == 2, kind == 3, kind == 4],
+        [
+            pick,
+            (pick + pick2) / 2,
+            rng.standard_normal(n) * top / 4,
+            pick * (1 + rng.uniform(-(2**-6), 2**-6, n)),
+            rng.uniform(-2, 2, n) * top,
+        ],
+        default=np.where(rng.random(n) < 0.5, -0.0, 0.0),
+    )
+    return x.reshape(shape)
