@@ -446,9 +446,14 @@ def _check_rounding(rounding: str, seed) -> None:
         raise ValueError("rounding='stochastic' needs seed=<int> so results are reproducible")
 
 
+def _is_float(dtype: np.dtype) -> bool:
+    """NumPy floats and ml_dtypes' (bfloat16, float8_*), which NumPy sees as kind "V"."""
+    return dtype.kind == "f" or (dtype.kind == "V" and dtype.name.startswith(("bfloat", "float")))
+
+
 def _as_float64(x) -> np.ndarray:
     x = np.asarray(x)
-    if x.dtype.kind not in "fiub" and x.dtype.name != "bfloat16":
+    if not (_is_float(x.dtype) or x.dtype.kind in "iub"):
         raise ValueError(f"cannot quantize an array of dtype {x.dtype}: pass floating-point values")
     with np.errstate(invalid="ignore"):  # NumPy warns when casting NaNs with payloads
         return x.astype(np.float64)
@@ -549,9 +554,7 @@ def quantize(
     """Fake quantization: ``decode(encode(x))`` returned in x's floating dtype (float32 for
     integer inputs) — the same values as ``x.astype(ml_dtypes.<fmt>).astype(x.dtype)``."""
     x = np.asarray(x)
-    out_dtype = (
-        x.dtype if x.dtype.kind == "f" or x.dtype.name == "bfloat16" else np.dtype(np.float32)
-    )
+    out_dtype = x.dtype if _is_float(x.dtype) else np.dtype(np.float32)
     codes = encode(x, fmt, rounding=rounding, saturate=saturate, seed=seed)
     return decode(codes, fmt, dtype=np.float64).astype(out_dtype)
 
@@ -676,8 +679,6 @@ def decode_mx(
 def quantize_mx(x: np.ndarray, fmt: FPFormat | str, block: int = 32) -> np.ndarray:
     """MX fake quantization: ``decode_mx(*encode_mx(x))`` in x's floating dtype."""
     x = np.asarray(x)
-    out_dtype = (
-        x.dtype if x.dtype.kind == "f" or x.dtype.name == "bfloat16" else np.dtype(np.float32)
-    )
+    out_dtype = x.dtype if _is_float(x.dtype) else np.dtype(np.float32)
     codes, scales = encode_mx(x, fmt, block)
     return decode_mx(codes, scales, fmt, block, dtype=np.float64).astype(out_dtype).reshape(x.shape)
