@@ -1,0 +1,487 @@
+"""LLM-FP4 (FPQ), fast path: torch (any device) and Triton kernels on CUDA.
+
+Mirrors ``lowbit.reference.fpq`` function by function (same names, parameters, defaults and
+errors; see that module for the paper, the equations and the deviations from the official
+code). The quantizer runs in float64 on the torch side exactly as the reference does, so results
+are bit-identical; on CUDA tensors ``quantize`` dispatches to ``lowbit.kernels.fpq`` (one pass,
+per-tensor / per-channel / per-token real bias), which is bit-identical for float32 inputs too.
+
+Besides the mirrored functions this module holds the calibration driver ``_calibrate_model``
+(spec 1.7): captures each linear's inputs on calibration texts and runs ``search`` layer by layer,
+with a tqdm progress bar. ``lowbit.fast.nn.FPQLinear.from_linear`` builds the modules from it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any
+
+import torch
+from lowbit.reference.formats import FPFormat
+from lowbit.reference.fpq import (
+    _BIAS_LIMIT,
+    MAXVAL_FLOOR,
+    FPQSearchResult,
+    _check_format,
+    _check_search_args,
+    default_formats,
+)
+
+__all__ = [
+    "MAXVAL_FLOOR",
+    "FPQSearchResult",
+    "default_formats",
+    "max_from_bias",
+    "bias_from_max",
+    "quantize",
+    "encode",
+    "decode",
+    "linear",
+    "preshift",
+    "fold_preshift",
+    "search",
+]
+
+
+def _triton_ok(t: torch.Tensor) -> bool:
+    if not t.is_cuda:
+        return False
+    try:
+        import triton  # noqa: F401
+    except ImportError:  # pragma: no cover
+        return False
+    return True
+
+
+def _bias_tensor(bias: Any, device: torch.device) -> torch.Tensor:
+    """Bias as float64 on ``device``; checked (finite, in range) unless that would sync a GPU."""
+    b = torch.as_tensor(bias, dtype=torch.float64, device=device)
+    if b.device.type == "cpu" and (
+        not bool(torch.isfinite(b).all()) or bool((b.abs() > _BIAS_LIMIT).any())
+    ):
+        raise ValueError(
+            f"bias must be finite with |bias| <= {_BIAS_LIMIT:g}: derive it with bias_from_max(maxval, fmt)"
+        )
+    return b
+
+
+def _bias_scales(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """2^b and 2^-b as the reference realises them: 2^floor(b) times fl32(2^(+-frac(b)))."""
+    b_int = torch.floor(b)
+    b_frac = b - b_int
+    scale = torch.ldexp(torch.exp2(b_frac).float().double(), b_int)
+    scale_inv = torch.ldexp(torch.exp2(-b_frac).float().double(), -b_int)
+    return scale, scale_inv
+
+
+def _qmax0(fmt: FPFormat) -> float:
+    return (2.0 - 2.0**-fmt.mbits) * 2.0 ** (2**fmt.ebits - 1)
+
+
+def max_from_bias(bias: Any, fmt: FPFormat) -> torch.Tensor:
+    """Eq. 3: Qmax(b) = (2 - 2^-M) 2^(2^E - 1 - b) as the quantizer realises it (float64)."""
+    fmt = _check_format(fmt)
+    device = bias.device if isinstance(bias, torch.Tensor) else torch.device("cpu")
+    _, scale_inv = _bias_scales(_bias_tensor(bias, device))
+    return _qmax0(fmt) * scale_inv
+
+
+def bias_from_max(maxval: Any, fmt: FPFormat) -> torch.Tensor:
+    """b = 2^E - 1 - log2(Qmax / (2 - 2^-M)); maxval floored at MAXVAL_FLOOR (zero rows)."""
+    fmt = _check_format(fmt)
+    m = torch.as_tensor(maxval, dtype=torch.float64)
+    if m.device.type == "cpu" and not bool(torch.isfinite(m).all()):
+        raise ValueError("maxval must be finite: remove NaN/Inf from the calibration data")
+    m = m.abs().clamp_min(MAXVAL_FLOOR)
+    return (2**fmt.ebits - 1) - torch.log2(m / (2.0 - 2.0**-fmt.mbits))
+
+
+def _check_float(x: torch.Tensor) -> None:
+    if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+        dtype = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
+        raise ValueError(f"cannot quantize an array of dtype {dtype}: pass floating-point values")
+
+
+def _round_scaled(
+    x: torch.Tensor, fmt: FPFormat, b: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clip, binade, step, round in units of 2^-b (float64); the reference's steps, done in place
+    (fresh allocations cost more than the arithmetic on CPU). Returns (q, 2^-b)."""
+    M = fmt.mbits
+    scale, scale_inv = _bias_scales(b)
+    y = x.to(torch.float64, copy=True)
+    if y.shape != torch.broadcast_shapes(y.shape, scale.shape):
+        y = y.expand(torch.broadcast_shapes(y.shape, scale.shape)).clone()
+    y.mul_(scale)  # x 2^b, exact for float32 x
+    Qmax0 = _qmax0(fmt)
+    y.clamp_(-Qmax0, Qmax0)  # 1. clip (NaN stays NaN)
+    # 2.-3. the step 2^(p - M) with p = max(floor(log2|y|), 1): masking y's bits down to its
+    # exponent field gives 2^floor(log2|y|) exactly (like frexp; 0 for zeros, inf for NaN)
+    step = (y.view(torch.int64) & 0x7FF0000000000000).view(torch.float64)
+    step.clamp_(min=2.0).mul_(2.0**-M)
+    y.div_(step)  # exact: a power-of-two scaling
+    torch.round(y, out=y)  # 4. round half to even
+    y.mul_(step)  # q = r * step (exact)
+    return y, scale_inv
+
+
+def quantize(x: torch.Tensor, fmt: FPFormat, bias: Any = None) -> torch.Tensor:
+    """Fake-quantize ``x`` to ``fmt`` with real exponent bias ``bias`` (see the reference).
+
+    On CUDA 2-D tensors with a scalar, per-row ``(M, 1)`` or per-column ``(K,)`` bias this is one
+    Triton kernel pass; everything else runs the float64 torch path.
+    """
+    fmt = _check_format(fmt)
+    _check_float(x)
+    b = _bias_tensor(fmt.bias if bias is None else bias, x.device)
+    if _triton_ok(x) and x.dtype in (torch.float32, torch.float16, torch.bfloat16):
+        from lowbit.kernels import fpq as kfpq
+
+        if kfpq.supports(x, b):
+            scale, scale_inv = _bias_scales(b)
+            return kfpq.fake_quant(x, fmt.ebits, fmt.mbits, scale, scale_inv)
+    q, scale_inv = _round_scaled(x, fmt, b)
+    xq = q * scale_inv
+    if x.dtype == torch.float64:
+        return xq
+    return xq.float().to(x.dtype)
+
+
+def encode(x: torch.Tensor, fmt: FPFormat, bias: Any = None) -> torch.Tensor:
+    """FP codes (uint8 up to 8 bits, else int32 holding uint16 values) of quantize(x, fmt, bias)."""
+    fmt = _check_format(fmt)
+    _check_float(x)
+    if x.device.type == "cpu" and bool(torch.isnan(x).any()):
+        raise ValueError(
+            f"{int(torch.isnan(x).sum())} NaN value(s) cannot be encoded: LLM-FP4 formats have no NaN code"
+        )
+    b = _bias_tensor(fmt.bias if bias is None else bias, x.device)
+    q, _ = _round_scaled(x, fmt, b)
+    M = fmt.mbits
+    # q lies on the bias-0 grid (<= 8 significant bits, |q| < 2^128): exact in float32, whose
+    # bits then hold sign, binade and mantissa; int32 bit operations are fast on CPU.
+    q32 = q.float()
+    bits = q32.view(torch.int32)
+    a = q32.abs()
+    normal = a >= 2.0  # 2^1 is the smallest normal at bias 0: field = binade, mantissa below it
+    magnitude = torch.where(
+        normal,
+        ((bits & 0x7FFFFFFF) >> (23 - M)) - (127 << M),  # (binade << M) | mantissa
+        (a * 2.0 ** (M - 1)).int(),  # subnormal: a = d 2^(1 - M), field 0
+    )
+    code = magnitude | ((bits >> 31) & 1) << (fmt.ebits + M)
+    # torch has no uint16 arithmetic on every backend: codes above 8 bits travel as int32.
+    return code.to(torch.uint8 if fmt.bits <= 8 else torch.int32)
+
+
+def decode(codes: torch.Tensor, fmt: FPFormat, bias: Any = None) -> torch.Tensor:
+    """float32 values of FP codes read with real exponent bias ``bias`` (see the reference)."""
+    fmt = _check_format(fmt)
+    if not isinstance(codes, torch.Tensor) or codes.is_floating_point() or codes.is_complex():
+        raise ValueError(
+            f"codes must be an integer array, got {getattr(codes, 'dtype', type(codes))}"
+        )
+    c = codes.long()
+    b = _bias_tensor(fmt.bias if bias is None else bias, c.device)
+    M = fmt.mbits
+    sign = (c >> (fmt.ebits + M)) & 1
+    field = (c >> M) & (2**fmt.ebits - 1)
+    mantissa = c & (2**M - 1)
+    # 2^(max(field, 1) - M) from its bits; field 0 (subnormal) shares the step of field 1
+    pow2 = ((field.clamp(min=1) - M + 1023) << 52).view(torch.float64)
+    a = torch.where(field > 0, mantissa + 2**M, mantissa).double() * pow2
+    _, scale_inv = _bias_scales(b)
+    return (torch.where(sign == 1, -a, a) * scale_inv).float()
+
+
+def _per_output_channel(w_bias: Any, out_features: int, device: torch.device) -> torch.Tensor:
+    wb = torch.as_tensor(w_bias, dtype=torch.float64, device=device)
+    if wb.ndim == 1:
+        if wb.shape[0] != out_features:
+            raise ValueError(
+                f"w_bias has {wb.shape[0]} entries but W has {out_features} rows: pass one per output channel"
+            )
+        return wb[:, None]
+    return wb
+
+
+def linear(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    a_fmt: FPFormat,
+    a_bias: Any,
+    w_fmt: FPFormat,
+    w_bias: Any,
+    b: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """Y = Q(X; a_bias) Q(W; w_bias)^T + b, computed in x's precision (float32 at least)."""
+    if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[1]:
+        raise ValueError(
+            f"linear needs x (tokens, in) and w (out, in) with the same in: got {tuple(x.shape)} and {tuple(w.shape)}"
+        )
+    work = torch.float64 if x.dtype == torch.float64 else torch.float32
+    Xq = quantize(x, a_fmt, a_bias).to(work)
+    Wq = quantize(w, w_fmt, _per_output_channel(w_bias, w.shape[0], w.device)).to(work)
+    Y = Xq @ Wq.T
+    if b is not None:
+        Y = Y + b.to(work)
+    return Y
+
+
+def preshift(
+    a_bias: torch.Tensor, fmt: FPFormat, tensor_bias: Any = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel biases -> (t, k): k_c = clamp(round(b_c), round(t), round(t) + 2^E - 1) - round(t)."""
+    fmt = _check_format(fmt)
+    b_c = _bias_tensor(
+        a_bias, a_bias.device if isinstance(a_bias, torch.Tensor) else torch.device("cpu")
+    )
+    if b_c.ndim != 1 or b_c.numel() == 0:
+        raise ValueError(
+            f"a_bias must be a non-empty vector of per-channel biases, got shape {tuple(b_c.shape)}"
+        )
+    t = b_c.min() if tensor_bias is None else _bias_tensor(tensor_bias, b_c.device)
+    if t.ndim != 0:
+        raise ValueError("tensor_bias must be a scalar")
+    z = torch.round(t)
+    k = torch.minimum(torch.maximum(torch.round(b_c), z), z + 2**fmt.ebits - 1) - z
+    return t, k.long()
+
+
+def fold_preshift(w_bias: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
+    """(out, in) weight exponent biases b_o + k_c (see the reference for the exactness condition)."""
+    b_o = torch.as_tensor(w_bias, dtype=torch.float64)
+    k = torch.as_tensor(shifts)
+    if b_o.ndim != 1 or k.ndim != 1:
+        raise ValueError(
+            f"fold_preshift needs w_bias (out,) and shifts (in,), got {tuple(b_o.shape)} and {tuple(k.shape)}"
+        )
+    if k.is_floating_point() and not bool((k == torch.round(k)).all()):
+        raise ValueError("shifts must be integers (the k_c of preshift)")
+    return b_o[:, None] + k.to(torch.float64, copy=False).to(b_o.device)[None, :]
+
+
+def _candidates(b0: torch.Tensor, factors: torch.Tensor, search_space: str) -> torch.Tensor:
+    f = factors.reshape((-1,) + (1,) * b0.ndim)
+    if search_space == "bias":
+        return f * b0[None]
+    return b0[None] - torch.log2(f)
+
+
+def search(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    b: torch.Tensor | None = None,
+    *,
+    wbits: int = 4,
+    abits: int = 4,
+    preshifted: bool = False,
+    gamma1: float = 0.01,
+    gamma2: float = 1.2,
+    n_candidates: int = 100,
+    rounds: int = 3,
+    search_space: str = "bias",
+    w_formats: list[FPFormat] | None = None,
+    a_formats: list[FPFormat] | None = None,
+) -> FPQSearchResult:
+    """Joint format / exponent-bias search for one linear (the reference's algorithm, in torch).
+
+    Matmuls run in float32 (float64 for float64 inputs); the quantizer is exact. Returns
+    ``FPQSearchResult`` holding torch tensors (float64 biases, int64 shifts).
+    """
+    _check_search_args(x, w, wbits, abits, gamma1, gamma2, n_candidates, rounds, search_space)
+    wfmts = [_check_format(f, "w_formats[i]") for f in (w_formats or default_formats(wbits))]
+    afmts = [_check_format(f, "a_formats[i]") for f in (a_formats or default_formats(abits))]
+    work = torch.float64 if x.dtype == torch.float64 else torch.float32
+    x = x.to(work)
+    w = w.to(work)
+    dev = x.device
+    bias_vec = torch.zeros(w.shape[0], dtype=work, device=dev) if b is None else b.to(work)
+    y_fp = x @ w.T + bias_vec
+    factors = (
+        gamma1
+        + torch.arange(n_candidates + 1, dtype=torch.float64, device=dev)
+        * (gamma2 - gamma1)
+        / n_candidates
+    )
+
+    w_absmax = w.abs().amax(dim=1)
+    w_b0 = [bias_from_max(w_absmax, f) for f in wfmts]
+    w_cur = [v.clone() for v in w_b0]
+    if preshifted:
+        a_b0c = [bias_from_max(x.abs().amax(dim=0), f) for f in afmts]
+        a_b0 = [v.min() for v in a_b0c]
+    else:
+        a_b0 = [bias_from_max(x.abs().amax(), f) for f in afmts]
+    a_cur = [v.clone() for v in a_b0]
+
+    def mse(y: torch.Tensor, dim=None) -> torch.Tensor:
+        d = y.sub_(y_fp).square_()  # in place: y is a fresh GEMM output
+        return d.mean() if dim is None else d.mean(dim=dim)
+
+    def a_effective(j: int, t: torch.Tensor) -> torch.Tensor:
+        if not preshifted:
+            return t
+        t_out, k = preshift(a_b0c[j], afmts[j], tensor_bias=t)
+        return t_out + k
+
+    def output(iw: int, wb: torch.Tensor, ia: int, ab: torch.Tensor) -> torch.Tensor:
+        return linear(x, w, afmts[ia], a_effective(ia, ab), wfmts[iw], wb, bias_vec)
+
+    iw = min(range(len(wfmts)), key=lambda i: abs(wfmts[i].mbits - (wbits - 1) // 2))
+    ia = min(range(len(afmts)), key=lambda i: abs(afmts[i].mbits - (abits - 1) // 2))
+
+    for _ in range(int(rounds)):
+        steps = ("wb", "ab", "wf", "af") if preshifted else ("wb", "wf", "ab", "af")
+        for step in steps:
+            if step == "wb":
+                Xq = quantize(x, afmts[ia], a_effective(ia, a_cur[ia])).to(work)
+                cands = torch.cat(
+                    [w_cur[iw][None], w_b0[iw][None], _candidates(w_b0[iw], factors, search_space)]
+                )
+                best_err = torch.full((w.shape[0],), float("inf"), dtype=work, device=dev)
+                best = w_cur[iw].clone()
+                for cand in cands:
+                    Wq = quantize(w, wfmts[iw], cand[:, None]).to(work)
+                    err = mse(Xq @ Wq.T + bias_vec, dim=0)
+                    better = err < best_err
+                    best = torch.where(better, cand, best)
+                    best_err = torch.where(better, err, best_err)
+                w_cur[iw] = best
+            elif step == "ab":
+                cands = torch.cat(
+                    [a_cur[ia][None], a_b0[ia][None], _candidates(a_b0[ia], factors, search_space)]
+                )
+                Wq = quantize(w, wfmts[iw], w_cur[iw][:, None]).to(work)
+                errs = torch.stack(
+                    [
+                        mse(quantize(x, afmts[ia], a_effective(ia, c)).to(work) @ Wq.T + bias_vec)
+                        for c in cands
+                    ]
+                )
+                a_cur[ia] = cands[int(torch.argmin(errs))]
+            elif step == "wf":
+                errs = torch.stack(
+                    [mse(output(j, w_cur[j], ia, a_cur[ia])) for j in range(len(wfmts))]
+                )
+                iw = int(torch.argmin(errs))
+            else:
+                errs = torch.stack(
+                    [mse(output(iw, w_cur[iw], j, a_cur[j])) for j in range(len(afmts))]
+                )
+                ia = int(torch.argmin(errs))
+
+    shift = preshift(a_b0c[ia], afmts[ia], tensor_bias=a_cur[ia])[1] if preshifted else None
+    return FPQSearchResult(
+        w_format=wfmts[iw],
+        a_format=afmts[ia],
+        w_bias=w_cur[iw],
+        a_bias=a_effective(ia, a_cur[ia]).to(torch.float64),
+        a_tensor_bias=a_cur[ia].to(torch.float64),
+        a_shift=shift,
+        mse=float(mse(output(iw, w_cur[iw], ia, a_cur[ia]))),
+    )
+
+
+# ---- calibration driver (spec 1.7) -----------------------------------------------------------------
+
+
+def _capture_inputs(
+    model: torch.nn.Module, names: list[str], run: Callable[[], None], max_tokens: int | None = None
+) -> dict[str, torch.Tensor]:
+    """Run ``run()`` once with forward hooks on the named linears; return their inputs as
+    (tokens, in) float32 CPU tensors (the first ``max_tokens`` tokens when given)."""
+    store: dict[str, list[torch.Tensor]] = {n: [] for n in names}
+    hooks = []
+    for name in names:
+        mod = model.get_submodule(name)
+
+        def hook(_m, args, _out, name=name):
+            store[name].append(args[0].detach().reshape(-1, args[0].shape[-1]).float().cpu())
+
+        hooks.append(mod.register_forward_hook(hook))
+    try:
+        with torch.no_grad():
+            run()
+    finally:
+        for h in hooks:
+            h.remove()
+    out = {}
+    for n, chunks in store.items():
+        if not chunks:
+            raise ValueError(
+                f"linear {n!r} saw no input while calibrating: is it used in the forward pass?"
+            )
+        t = torch.cat(chunks)
+        out[n] = t[:max_tokens] if max_tokens else t
+    return out
+
+
+def _search_rows(x: torch.Tensor, max_tokens: int | None) -> torch.Tensor:
+    """At most ``max_tokens`` rows of x for the search: every row that holds a channel's absmax
+    (so the min-max initialisation equals the full data's) plus evenly spaced rows."""
+    if max_tokens is None or x.shape[0] <= max_tokens:
+        return x
+    keep = torch.unique(x.abs().argmax(dim=0))
+    spaced = torch.linspace(0, x.shape[0] - 1, max(max_tokens - keep.numel(), 1)).round().long()
+    return x[torch.unique(torch.cat([keep, spaced]))]
+
+
+def _calibrate_model(
+    inputs: dict[str, torch.Tensor],
+    linears: dict[str, torch.nn.Linear],
+    progress: bool = True,
+    max_tokens: int | None = None,
+    **search_kwargs: Any,
+) -> dict[str, FPQSearchResult]:
+    """Search every linear on its captured full-precision inputs (the official code's
+    layer-wise, non-sequential calibration: no quantization error is propagated)."""
+    from tqdm.auto import tqdm
+
+    results = {}
+    for name in tqdm(list(linears), desc="FPQ search", disable=not progress, leave=False):
+        lin = linears[name]
+        results[name] = search(
+            _search_rows(inputs[name], max_tokens).to(lin.weight.device),
+            lin.weight.detach().float(),
+            None if lin.bias is None else lin.bias.detach().float(),
+            **search_kwargs,
+        )
+    return results
+
+
+def _quantize_model(
+    model: torch.nn.Module,
+    inputs: dict[str, torch.Tensor],
+    *,
+    minmax: tuple[Any, Any] | None = None,
+    progress: bool = True,
+    max_tokens: int | None = None,
+    **search_kwargs: Any,
+) -> dict[str, FPQSearchResult]:
+    """Swap ``FPQLinear`` into every linear of ``model`` that has captured ``inputs``.
+
+    ``minmax=(w_format, a_format)``: fixed formats with min-max biases (the paper's MinMax rows);
+    otherwise ``search(**search_kwargs)`` per layer. Returns the search results (empty for MinMax).
+    """
+    from lowbit.fast.convert import replace_linears
+    from lowbit.fast.nn import FPQLinear
+
+    linears = {
+        n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear) and n in inputs
+    }
+    results: dict[str, FPQSearchResult] = {}
+    if minmax is None:
+        results = _calibrate_model(inputs, linears, progress, max_tokens, **search_kwargs)
+
+    def make(name: str, lin: torch.nn.Linear) -> torch.nn.Module | None:
+        if name not in linears:
+            return None
+        if minmax is None:
+            return FPQLinear.from_linear(lin, result=results[name])
+        return FPQLinear.from_linear(
+            lin, w_format=minmax[0], a_format=minmax[1], calib_inputs=inputs[name]
+        )
+
+    replace_linears(model, make, skip=(), progress=False)
+    return results

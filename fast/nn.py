@@ -1,0 +1,426 @@
+"""Quantized drop-in replacements for ``nn.Linear``.
+
+Every module here follows one protocol (used by ``lowbit.fast.convert``):
+
+* drop-in for ``nn.Linear``: ``in_features``, ``out_features``, ``forward(x)`` on
+  (..., in_features) inputs of any float dtype, returning x's dtype;
+* ``from_linear(linear, **opts)`` builds it from a trained ``nn.Linear``; ``to_linear()`` gives
+  back a plain ``nn.Linear`` with the dequantized weights;
+* ``lowbit_config()`` -> JSON-serialisable shapes and options, and ``from_config(config)`` an
+  empty shell whose registered buffers/parameters are then filled by ``load_state_dict``;
+* an entry in ``QUANTIZED_MODULES`` at the bottom of the file.
+
+Modules: ``Linear8bitLt`` (LLM.int8(), arXiv 2208.07339).
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import torch
+from lowbit.fast import llm_int8 as _llm_int8
+from torch import nn
+
+__all__ = ["Linear8bitLt", "FPQLinear", "QUANTIZED_MODULES"]
+
+_DTYPES = {
+    "float16": torch.float16,
+    "bfloat16": torch.bfloat16,
+    "float32": torch.float32,
+    "float64": torch.float64,
+}
+
+
+class Linear8bitLt(nn.Module):
+    """LLM.int8() linear layer: int8 weights (one absmax per output feature) stored once,
+    activations quantized per token at run time, with outlier decomposition above ``threshold``.
+
+    The outlier columns of each input batch are multiplied with the dequantized int8 weight
+    columns, as bitsandbytes' ``Linear8bitLt(has_fp16_weights=False)`` does (the full-precision
+    weights are not kept). ``threshold=0`` disables the decomposition (pure vector-wise int8).
+    The weights are frozen; gradients flow to the input and the bias.
+
+    Buffers: ``weight_codes`` int8 (out, in), ``weight_absmax`` float32 (out,), ``bias`` (out,)
+    in the original linear's dtype (if any).
+    """
+
+    weight_codes: torch.Tensor
+    weight_absmax: torch.Tensor
+    bias: torch.Tensor | None
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        threshold: float = 6.0,
+        weight_dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ):
+        super().__init__()
+        if in_features < 0 or out_features < 0:
+            raise ValueError(
+                f"in_features and out_features must be >= 0, got {in_features}, {out_features}"
+            )
+        _llm_int8._check_threshold(threshold)
+        self.in_features = int(in_features)
+        self.out_features = int(out_features)
+        self.threshold = float(threshold)
+        self.weight_dtype = weight_dtype
+        self.register_buffer(
+            "weight_codes", torch.zeros(out_features, in_features, dtype=torch.int8, device=device)
+        )
+        self.register_buffer(
+            "weight_absmax", torch.zeros(out_features, dtype=torch.float32, device=device)
+        )
+        if bias:
+            self.register_buffer(
+                "bias", torch.zeros(out_features, dtype=weight_dtype, device=device)
+            )
+        else:
+            self.bias = None
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, threshold: float = 6.0) -> Linear8bitLt:
+        """Quantize a trained ``nn.Linear`` (weights row-wise absmax int8, no threshold)."""
+        if not isinstance(linear, nn.Linear):
+            raise ValueError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
+        w = linear.weight.detach()
+        mod = cls(
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            threshold=threshold,
+            weight_dtype=w.dtype,
+            device=w.device,
+        )
+        codes, absmax, _ = _llm_int8.vectorwise_quant(w, 0.0)
+        mod.weight_codes.copy_(codes)
+        mod.weight_absmax.copy_(absmax)
+        if linear.bias is not None:
+            assert mod.bias is not None
+            mod.bias.copy_(linear.bias.detach())
+        return mod
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """W ≈ q · c / 127 (float32)."""
+        return _llm_int8.vectorwise_dequant(self.weight_codes, self.weight_absmax)
+
+    def to_linear(self) -> nn.Linear:
+        lin = nn.Linear(
+            self.in_features,
+            self.out_features,
+            bias=self.bias is not None,
+            device=self.weight_codes.device,
+            dtype=self.weight_dtype,
+        )
+        with torch.no_grad():
+            lin.weight.copy_(self.dequantized_weight().to(self.weight_dtype))
+            if self.bias is not None and lin.bias is not None:
+                lin.bias.copy_(self.bias)
+        return lin
+
+    def lowbit_config(self) -> dict[str, Any]:
+        return {
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "bias": self.bias is not None,
+            "threshold": self.threshold,
+            "weight_dtype": str(self.weight_dtype).removeprefix("torch."),
+        }
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> Linear8bitLt:
+        dtype_name = config.get("weight_dtype", "float32")
+        if dtype_name not in _DTYPES:
+            raise ValueError(
+                f"Linear8bitLt config: unknown weight_dtype {dtype_name!r}; expected one of {sorted(_DTYPES)}"
+            )
+        return cls(
+            int(config["in_features"]),
+            int(config["out_features"]),
+            bias=bool(config["bias"]),
+            threshold=float(config["threshold"]),
+            weight_dtype=_DTYPES[dtype_name],
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"Linear8bitLt expects (..., {self.in_features}) inputs, got shape {tuple(x.shape)}"
+            )
+        X = x.reshape(math.prod(x.shape[:-1]), self.in_features)
+        Y = _llm_int8._frozen_linear(
+            X, self.weight_codes, self.weight_absmax, self.bias, self.threshold
+        )
+        return Y.reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, threshold={self.threshold}"
+        )
+
+
+# Quantized module classes by name, for lowbit.fast.convert.load_quantized.
+QUANTIZED_MODULES: dict[str, type[nn.Module]] = {"Linear8bitLt": Linear8bitLt}
+
+
+# --- LLM-FP4 (FPQ), arXiv 2310.16836 ------------------------------------------------------------
+
+
+def _fpq_format(spec: Any) -> Any:
+    """[E, M] (config) or an FPFormat -> a checked LLM-FP4 FPFormat."""
+    from lowbit.reference.formats import FPFormat
+    from lowbit.reference.fpq import _check_format
+
+    if isinstance(spec, (list, tuple)):
+        spec = FPFormat(int(spec[0]), int(spec[1]))
+    fmt = _check_format(spec, "format")
+    if fmt.bits > 8:
+        raise ValueError(
+            f"FPQLinear stores one code per byte at most: {fmt.name} has {fmt.bits} bits, use <= 8"
+        )
+    return fmt
+
+
+class FPQLinear(nn.Module):
+    """LLM-FP4 linear layer: FP weight codes with a real exponent bias per output channel, and
+    static FP activation quantization with a real per-tensor bias t plus integer per-input-channel
+    shifts k_c (the pre-shifted exponent bias; all zero for per-tensor activations).
+
+    The shifts are folded into the weights' exponent bias (``lowbit.fast.fpq.fold_preshift``): on
+    CUDA the activation codes are written at bias t + k_c and the Triton FP linear reads them
+    raw and the weight codes at b_o + k_c; on CPU the same values come from the simulated layer,
+    which is bit-identical product by product. ``a_format=None`` quantizes the weights only.
+
+    Buffers: ``weight_codes`` uint8 (out, ceil(in / 2)) for 4-bit weights (two codes per byte,
+    low nibble first) else (out, in); ``weight_bias`` float64 (out,); ``act_bias`` float64 ();
+    ``act_shift`` int32 (in,); ``bias`` (out,) in the original dtype (if any).
+    """
+
+    weight_codes: torch.Tensor
+    weight_bias: torch.Tensor
+    act_bias: torch.Tensor
+    act_shift: torch.Tensor
+    bias: torch.Tensor | None
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        w_format: Any = (2, 1),
+        a_format: Any = (2, 1),
+        weight_dtype: torch.dtype = torch.float32,
+        device: torch.device | str | None = None,
+    ):
+        super().__init__()
+        if in_features < 0 or out_features < 0:
+            raise ValueError(
+                f"in_features and out_features must be >= 0, got {in_features}, {out_features}"
+            )
+        self.in_features = int(in_features)
+        self.out_features = int(out_features)
+        self.w_format = _fpq_format(w_format)
+        self.a_format = None if a_format is None else _fpq_format(a_format)
+        self.weight_dtype = weight_dtype
+        packed_cols = (in_features + 1) // 2 if self.w_format.bits == 4 else in_features
+        self.register_buffer(
+            "weight_codes", torch.zeros(out_features, packed_cols, dtype=torch.uint8, device=device)
+        )
+        self.register_buffer(
+            "weight_bias", torch.zeros(out_features, dtype=torch.float64, device=device)
+        )
+        self.register_buffer("act_bias", torch.zeros((), dtype=torch.float64, device=device))
+        self.register_buffer(
+            "act_shift", torch.zeros(in_features, dtype=torch.int32, device=device)
+        )
+        if bias:
+            self.register_buffer(
+                "bias", torch.zeros(out_features, dtype=weight_dtype, device=device)
+            )
+        else:
+            self.bias = None
+
+    @classmethod
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        *,
+        result: Any = None,
+        w_format: Any = (2, 1),
+        a_format: Any = (2, 1),
+        calib_inputs: torch.Tensor | None = None,
+    ) -> FPQLinear:
+        """Quantize a trained ``nn.Linear``.
+
+        With ``result`` (an ``FPQSearchResult`` from ``lowbit.fast.fpq.search``) the searched
+        formats and biases are used. Otherwise min-max ("MinMax" in the paper): weight biases
+        from each row's absmax, one activation bias from the absmax of ``calib_inputs``
+        (tokens, in), which is required unless ``a_format=None``.
+        """
+        from lowbit.fast import fpq
+
+        if not isinstance(linear, nn.Linear):
+            raise ValueError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
+        w = linear.weight.detach().float()
+        if result is not None:
+            w_fmt, a_fmt = result.w_format, result.a_format
+            w_bias = torch.as_tensor(result.w_bias, dtype=torch.float64)
+            t = torch.as_tensor(result.a_tensor_bias, dtype=torch.float64)
+            shift = (
+                torch.zeros(linear.in_features, dtype=torch.int64)
+                if result.a_shift is None
+                else torch.as_tensor(result.a_shift)
+            )
+        else:
+            w_fmt = _fpq_format(w_format)
+            a_fmt = None if a_format is None else _fpq_format(a_format)
+            w_bias = fpq.bias_from_max(w.abs().amax(dim=1), w_fmt)
+            shift = torch.zeros(linear.in_features, dtype=torch.int64)
+            t = torch.zeros((), dtype=torch.float64)
+            if a_fmt is not None:
+                if calib_inputs is None:
+                    raise ValueError(
+                        "FPQLinear.from_linear: activation quantization needs calib_inputs (tokens, in) or a_format=None"
+                    )
+                t = fpq.bias_from_max(calib_inputs.detach().abs().amax().cpu(), a_fmt)
+        mod = cls(
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            w_format=w_fmt,
+            a_format=a_fmt,
+            weight_dtype=linear.weight.dtype,
+            device=w.device,
+        )
+        codes = fpq.encode(w, mod.w_format, w_bias.to(w.device)[:, None])
+        if mod.w_format.bits == 4:
+            from lowbit.kernels.fpq import pack_nibbles
+
+            codes = pack_nibbles(codes)
+        mod.weight_codes.copy_(codes)
+        mod.weight_bias.copy_(w_bias)
+        mod.act_bias.copy_(t)
+        mod.act_shift.copy_(shift)
+        if linear.bias is not None:
+            assert mod.bias is not None
+            mod.bias.copy_(linear.bias.detach())
+        return mod
+
+    def _codes(self) -> torch.Tensor:
+        """(out, in) weight codes, unpacked."""
+        c = self.weight_codes
+        if self.w_format.bits == 4:
+            c = torch.stack([c & 0xF, c >> 4], dim=-1).reshape(self.out_features, -1)[
+                :, : self.in_features
+            ]
+        return c
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """Q(W) (float32), each row read with its exponent bias."""
+        from lowbit.fast import fpq
+
+        return fpq.decode(self._codes(), self.w_format, self.weight_bias[:, None])
+
+    def _cached_weight(self) -> torch.Tensor:
+        """dequantized_weight(), recomputed only when the buffers change (load, copy_, .to())."""
+        key = tuple((t.data_ptr(), t._version) for t in (self.weight_codes, self.weight_bias))
+        if getattr(self, "_weight_key", None) != key:
+            self._weight_cache = self.dequantized_weight()
+            self._weight_key = key
+        return self._weight_cache
+
+    def to_linear(self) -> nn.Linear:
+        lin = nn.Linear(
+            self.in_features,
+            self.out_features,
+            bias=self.bias is not None,
+            device=self.weight_codes.device,
+            dtype=self.weight_dtype,
+        )
+        with torch.no_grad():
+            lin.weight.copy_(self.dequantized_weight().to(self.weight_dtype))
+            if self.bias is not None and lin.bias is not None:
+                lin.bias.copy_(self.bias)
+        return lin
+
+    def lowbit_config(self) -> dict[str, Any]:
+        return {
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "bias": self.bias is not None,
+            "w_format": [self.w_format.ebits, self.w_format.mbits],
+            "a_format": None
+            if self.a_format is None
+            else [self.a_format.ebits, self.a_format.mbits],
+            "weight_dtype": str(self.weight_dtype).removeprefix("torch."),
+        }
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> FPQLinear:
+        dtype_name = config.get("weight_dtype", "float32")
+        if dtype_name not in _DTYPES:
+            raise ValueError(
+                f"FPQLinear config: unknown weight_dtype {dtype_name!r}; expected one of {sorted(_DTYPES)}"
+            )
+        return cls(
+            int(config["in_features"]),
+            int(config["out_features"]),
+            bias=bool(config["bias"]),
+            w_format=config["w_format"],
+            a_format=config["a_format"],
+            weight_dtype=_DTYPES[dtype_name],
+        )
+
+    def act_biases(self) -> torch.Tensor:
+        """Per-input-channel activation bias t + k_c (float64, (in,))."""
+        return self.act_bias + self.act_shift.to(torch.float64)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from lowbit.fast import fpq
+
+        if x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"FPQLinear expects (..., {self.in_features}) inputs, got shape {tuple(x.shape)}"
+            )
+        X = x.reshape(math.prod(x.shape[:-1]), self.in_features)
+        if (
+            self.a_format is not None
+            and fpq._triton_ok(X)
+            and X.dtype in (torch.float32, torch.float16, torch.bfloat16)
+            and X.shape[0] > 0
+        ):
+            from lowbit.kernels import fpq as kfpq
+
+            scale, _ = fpq._bias_scales(self.act_biases())
+            codes = kfpq.fake_quant(
+                X, self.a_format.ebits, self.a_format.mbits, scale, 1.0 / scale, codes=True
+            )
+            _, a_si = fpq._bias_scales(self.act_bias)
+            _, w_si = fpq._bias_scales(self.weight_bias)
+            Y = kfpq.fpq_linear(
+                codes, self.weight_codes, self.act_shift, a_si.float(), w_si.float(),
+                (self.a_format.ebits, self.a_format.mbits), (self.w_format.ebits, self.w_format.mbits),
+                bias=self.bias, w_packed=self.w_format.bits == 4, out_dtype=x.dtype,
+            )  # fmt: skip
+        else:
+            Xq = X if self.a_format is None else fpq.quantize(X, self.a_format, self.act_biases())
+            Y = nn.functional.linear(
+                Xq.float(),
+                self._cached_weight(),
+                None if self.bias is None else self.bias.float(),
+            )
+        return Y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
+
+    def extra_repr(self) -> str:
+        a = "none" if self.a_format is None else f"E{self.a_format.ebits}M{self.a_format.mbits}"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"w=E{self.w_format.ebits}M{self.w_format.mbits}, a={a}, preshifted={bool((self.act_shift != 0).any())}"
+        )
+
+
+QUANTIZED_MODULES["FPQLinear"] = FPQLinear

@@ -1,0 +1,631 @@
+"""LLM-FP4 (FPQ): the reference against independent truths, the fast path against the reference,
+the kernels (Triton interpreter on CPU, natively with ``-m gpu``), FPQLinear and save/load.
+
+Independent truths used here: ``lowbit.reference.formats`` (and through its own tests ml_dtypes)
+at integer biases, the grid tables of spec/methods.md 1.2, brute-force nearest-grid-point search
+over every code, float64 algebra (power-of-two rescaling), and planted synthetic problems whose
+best format is known by construction.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from hypothesis import assume, given, settings
+from hypothesis import strategies as st
+from lowbit.fast import fpq as F
+from lowbit.reference import formats
+from lowbit.reference import fpq as R
+from lowbit.reference.formats import FPFormat
+
+from tests.harness import compare
+from tests.strategies import float_arrays, fp_formats, values_for
+from tests.tolerances import EXACT, MATMUL
+
+fpq_formats = fp_formats(specials=("none",), signed=True)
+E3M0, E2M1, E1M2 = FPFormat(3, 0), FPFormat(2, 1), FPFormat(1, 2)
+
+
+# ---- the quantizer ---------------------------------------------------------------------------------
+
+
+@given(fmt=fpq_formats, data=st.data())
+def test_equals_formats_quantize_at_the_integer_bias(fmt, data):
+    """At b = fmt.bias the real-bias quantizer is the plain format cast, bit for bit."""
+    x = data.draw(values_for(fmt))
+    for dtype in (np.float64, np.float32):
+        xd = x.astype(dtype)
+        compare("quantize", R.quantize(xd, fmt, fmt.bias), formats.quantize(xd, fmt), EXACT)
+        compare("encode", R.encode(xd, fmt, fmt.bias), formats.encode(xd, fmt), EXACT)
+
+
+def test_spec_grid_tables():
+    """spec 1.2: non-negative levels of E2M1/E3M0/E1M2 and the maxima of E4M3/E5M2 (no code reserved)."""
+    cases = {
+        (2, 1, 1): [0, 0.5, 1, 1.5, 2, 3, 4, 6],
+        (3, 0, 3): [0, 0.25, 0.5, 1, 2, 4, 8, 16],
+        (1, 2, 0): [0, 0.5, 1, 1.5, 2, 2.5, 3, 3.5],
+    }
+    for (e, m, b), levels in cases.items():
+        fmt = FPFormat(e, m)
+        codes = np.arange(2 ** (e + m), dtype=np.uint8)  # sign bit clear
+        assert sorted(set(R.decode(codes, fmt, b).tolist())) == levels
+        assert R.max_from_bias(b, fmt) == levels[-1]
+    assert R.max_from_bias(7, FPFormat(4, 3)) == 480.0
+    assert R.max_from_bias(15, FPFormat(5, 2)) == 114688.0
+    # M = 0 ties go up within a binade (integer significand 1.5 -> 2), E3M0 has no subnormals
+    assert R.quantize(np.array([3.0, -3.0, 0.75, 0.375, 0.125]), E3M0, 3).tolist() == [
+        4.0,
+        -4.0,
+        1.0,
+        0.5,
+        0.0,
+    ]
+    # 15 distinct values for any FP4 split (+-0 collapse)
+    for fmt in (E3M0, E2M1, E1M2):
+        assert np.unique(R.decode(np.arange(16, dtype=np.uint8), fmt, 0.37)).size == 15
+
+
+@given(fmt=fpq_formats, bias=st.floats(-30, 30), k=st.integers(-60, 60))
+def test_exact_powers_of_two_and_grid_points(fmt, bias, k):
+    """Every grid point (any real bias) quantizes to itself: no binade off at powers of two."""
+    grid = R.decode(
+        np.arange(2**fmt.bits, dtype=np.uint16 if fmt.bits > 8 else np.uint8), fmt, bias
+    )
+    grid = grid[np.isfinite(grid)].astype(np.float32)
+    compare("grid", R.quantize(grid, fmt, bias), grid, EXACT)
+    compare("grid (fast)", F.quantize(torch.from_numpy(grid), fmt, bias), grid, EXACT)
+    # an exact power of two at an integer bias, whenever it lies on the grid
+    b = fmt.bias
+    v = np.float64(2.0**k)
+    lo, hi = 2.0 ** (1 - b - fmt.mbits), R.max_from_bias(b, fmt)
+    if lo <= v <= hi:
+        assert R.quantize(np.array([v, -v]), fmt, b).tolist() == [v, -v]
+
+
+@settings(max_examples=25)
+@given(fmt=fpq_formats, bias=st.floats(-12, 12), data=st.data())
+def test_nearest_grid_point_brute_force(fmt, bias, data):
+    """Independent oracle: q is a grid value and no grid value is closer (float64 inputs)."""
+    assume(R.max_from_bias(bias, fmt) < np.finfo(np.float32).max)  # the grid is decoded in float32
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
+    grid = np.unique(
+        R.decode(
+            np.arange(2**fmt.bits, dtype=np.uint16 if fmt.bits > 8 else np.uint8), fmt, bias
+        ).astype(np.float64)
+    )
+    top = grid.max()
+    x = rng.uniform(-1.3, 1.3, 200) * top * 2.0 ** rng.integers(-6, 1, 200)
+    q = R.quantize(x, fmt, bias)
+    # the grid in float32 (decode) vs q in float64: compare within float32 precision of the scale
+    dist_q = np.abs(x - q)
+    dist_best = np.min(np.abs(x[:, None] - grid[None, :]), axis=1)
+    assert np.all(dist_q <= dist_best + 2.0**-22 * np.abs(x) + 1e-300)
+    nearest = grid[np.argmin(np.abs(q[:, None] - grid[None, :]), axis=1)]
+    assert np.all(np.abs(q - nearest) <= 2.0**-22 * np.abs(q))
+
+
+@given(
+    x=float_arrays(zero_rows=True, outlier_cols=True, max_rows=30, max_cols=30),
+    fmt=fpq_formats,
+    bias=st.floats(-20, 20),
+)
+def test_idempotent_monotone_saturating(x, fmt, bias):
+    q = R.quantize(x, fmt, bias)
+    compare("idempotent", R.quantize(q, fmt, bias), q, EXACT)
+    flat = np.sort(x.ravel())
+    assert np.all(np.diff(R.quantize(flat, fmt, bias).astype(np.float64)) >= 0)
+    qmax = R.max_from_bias(bias, fmt)
+    assert R.quantize(np.array([np.inf, -np.inf, 1e300, -1e300]), fmt, bias).tolist() == [
+        qmax,
+        -qmax,
+        qmax,
+        -qmax,
+    ]
+    assert np.all(np.abs(q.astype(np.float64)) <= qmax * (1 + 2.0**-23))
+
+
+@given(fmt=fpq_formats, data=st.data())
+def test_max_and_bias_are_inverses(fmt, data):
+    b_int = data.draw(st.integers(-40, 40))
+    assert R.bias_from_max(R.max_from_bias(b_int, fmt), fmt) == b_int  # exact at integer biases
+    b = data.draw(st.floats(-40, 40))
+    # real biases: the clip max is realised with float32 2^frac(b) (relative error < 2^-24)
+    assert abs(R.bias_from_max(R.max_from_bias(b, fmt), fmt) - b) <= 2.0**-22
+    m = data.draw(st.floats(1e-20, 1e20))
+    assert abs(R.max_from_bias(R.bias_from_max(m, fmt), fmt) / m - 1) <= 2.0**-23
+    # the spec's formula, written the other way round
+    spec_b = 2**fmt.ebits - math.log2(m) + math.log2(2 - 2.0**-fmt.mbits) - 1
+    assert abs(R.bias_from_max(m, fmt) - spec_b) <= 1e-12 * max(1.0, abs(spec_b))
+
+
+def test_zero_rows_and_channels_never_nan():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((16, 12)).astype(np.float32)
+    x[:, 3] = 0.0
+    x[5, :] = 0.0
+    for fmt in (E3M0, E2M1, E1M2, FPFormat(4, 3)):
+        for axis in (0, 1):
+            maxval = np.abs(x).max(axis=axis, keepdims=True)
+            b = R.bias_from_max(maxval, fmt)  # the code gives b = +inf here
+            assert np.all(np.isfinite(b))
+            q = R.quantize(x, fmt, b)
+            assert np.all(np.isfinite(q)) and np.all(q[x == 0] == 0)
+            qf = F.quantize(torch.from_numpy(x), fmt, torch.from_numpy(b))
+            compare("zero rows (fast)", qf, q, EXACT)
+        assert (
+            np.isfinite(R.bias_from_max(0.0, fmt))
+            and R.quantize(np.zeros(4), fmt, R.bias_from_max(0.0, fmt)).tolist() == [0.0] * 4
+        )
+    w = rng.standard_normal((6, 12))
+    w[2] = 0.0
+    res = R.search(x, w, rounds=1, n_candidates=10)
+    assert np.isfinite(res.mse) and np.all(np.isfinite(res.w_bias))
+    res = R.search(x, w, rounds=1, n_candidates=10, preshifted=True)
+    assert np.isfinite(res.mse) and np.all(np.isfinite(res.a_bias))
+
+
+@pytest.mark.parametrize("mod", [R, F], ids=["reference", "fast"])
+def test_bad_arguments_raise_clear_errors(mod):
+    arr = np.ones((2, 3), dtype=np.float32) if mod is R else torch.ones(2, 3)
+    for bad in (
+        formats.E4M3FN,
+        formats.E5M2,
+        FPFormat(3, 2, signed=False),
+        formats.IntFormat(4),
+        "e2m1",
+        FPFormat(8, 0, bias=128),
+    ):
+        with pytest.raises(ValueError, match="LLM-FP4|FPFormat|ebits"):
+            mod.quantize(arr, bad, 0.0)
+    with pytest.raises(ValueError, match="bias must be finite"):
+        mod.quantize(arr, E2M1, float("inf"))
+    with pytest.raises(ValueError, match="dtype"):
+        mod.quantize(
+            np.ones(3, dtype=np.int32) if mod is R else torch.ones(3, dtype=torch.int32), E2M1, 0.0
+        )
+    nan = np.array([np.nan], dtype=np.float32) if mod is R else torch.tensor([float("nan")])
+    with pytest.raises(ValueError, match="NaN"):
+        mod.encode(nan, E2M1, 0.0)
+    with pytest.raises(ValueError, match="maxval must be finite"):
+        mod.bias_from_max(np.array([np.inf]) if mod is R else torch.tensor([float("inf")]), E2M1)
+    with pytest.raises(ValueError, match="per output channel"):
+        mod.linear(arr, arr, E2M1, 0.0, E2M1, np.zeros(5) if mod is R else torch.zeros(5))
+    with pytest.raises(ValueError, match="gamma1"):
+        mod.search(arr, arr, gamma1=2.0)
+    with pytest.raises(ValueError, match="search_space"):
+        mod.search(arr, arr, search_space="clip")
+
+
+# ---- pre-shifted bias and its fold ------------------------------------------------------------------
+
+
+@settings(max_examples=30)
+@given(
+    x=float_arrays(outlier_cols=True, zero_rows=True, max_rows=24, max_cols=40),
+    a_fmt=st.sampled_from([E3M0, E2M1, E1M2, FPFormat(4, 3), FPFormat(3, 4)]),
+    w_fmt=st.sampled_from([E3M0, E2M1, E1M2, FPFormat(4, 3)]),
+    data=st.data(),
+)
+def test_fold_preshift_computes_what_the_simulation_computes(x, a_fmt, w_fmt, data):
+    """Simulated per-channel activation quantization (bias t + k_c) vs the folded layer: activation
+    codes read at the tensor bias t, weight codes read at b_o + k_c. Exact whenever no rescaled
+    value leaves float32's normal range (checked here, so the assertion is unconditional)."""
+    rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
+    out = data.draw(st.integers(1, 20))
+    w = (rng.standard_normal((out, x.shape[1])) * 0.05).astype(np.float32)
+    b_c = R.bias_from_max(np.abs(x).max(axis=0), a_fmt) + rng.uniform(-0.3, 0.3, x.shape[1])
+    t, k = R.preshift(b_c, a_fmt, tensor_bias=data.draw(st.one_of(st.none(), st.floats(-5, 10))))
+    assert k.min() >= 0 and k.max() <= 2**a_fmt.ebits - 1
+    w_bias = R.bias_from_max(np.abs(w).max(axis=1), w_fmt)  # (out,)
+    # simulated (the official code): per-channel biases, float matmul
+    Xs = R.quantize(x, a_fmt, t + k)  # (tokens, in)
+    Ws = R.quantize(w, w_fmt, w_bias[:, None])  # (out, in)
+    # folded: one real tensor bias for activations; shifts absorbed by the weights' exponent bias
+    Xf = R.decode(R.encode(x, a_fmt, t + k), a_fmt, t)
+    Wf = R.decode(R.encode(w, w_fmt, w_bias[:, None]), w_fmt, R.fold_preshift(w_bias, k))
+    tiny = np.finfo(np.float32).tiny
+    in_range = np.all((Wf == 0) | (np.abs(Wf) >= tiny)) and np.all(np.isfinite(Xf))
+    if in_range:
+        compare("activations", Xf, np.ldexp(Xs.astype(np.float64), k).astype(np.float32), EXACT)
+        compare("weights", Wf, np.ldexp(Ws.astype(np.float64), -k).astype(np.float32), EXACT)
+        compare("layer", Xf @ Wf.T, Xs @ Ws.T, EXACT)  # same products, same GEMM order
+    # fast twins of the pieces
+    compare(
+        "preshift (fast)",
+        F.preshift(torch.from_numpy(b_c), a_fmt, torch.as_tensor(t)),
+        (t, k),
+        EXACT,
+    )
+    compare(
+        "fold (fast)",
+        F.fold_preshift(torch.from_numpy(w_bias), torch.from_numpy(k)),
+        R.fold_preshift(w_bias, k),
+        EXACT,
+    )
+
+
+def test_fold_condition_can_fail_outside_float32_normals():
+    """The stated condition matters: weights near float32's smallest normal, shifted further
+    down by 2^-k, become float32 subnormals and lose bits, so the fold is no longer exact."""
+    w_fmt = FPFormat(1, 6)
+    w = np.array([[1.4537e-37, 1.0e-37]], dtype=np.float32)  # (out=1, in=2)
+    w_bias = R.bias_from_max(np.abs(w).max(axis=1), w_fmt)
+    k = np.array([0, 14])
+    Ws = R.quantize(w, w_fmt, w_bias[:, None])
+    Wf = R.decode(R.encode(w, w_fmt, w_bias[:, None]), w_fmt, R.fold_preshift(w_bias, k))
+    exact = np.ldexp(Ws.astype(np.float64), -k)
+    assert np.abs(Wf[0, 1]) < np.finfo(np.float32).tiny
+    assert Wf[0, 1] != exact[0, 1]  # rounded away: this is the case the condition excludes
+    assert Wf[0, 0] == exact[0, 0]
+
+
+def test_preshift_matches_the_code_formula():
+    """b_eff,c = clamp(round(b_c), round(t), round(t) + 2^E - 1) - round(t) + t (spec 1.5.3)."""
+    b_c = np.array([-1.6, -1.5, 0.4, 2.5, 3.5, 9.7, 30.0])
+    t, k = R.preshift(b_c, E2M1)
+    assert t == -1.6
+    z = -2.0  # round(-1.6)
+    expected = np.clip(np.round(b_c), z, z + 3) - z  # numpy round is half-even, as torch.round
+    assert k.tolist() == expected.tolist() == [0, 0, 2, 3, 3, 3, 3]
+
+
+# ---- the search ---------------------------------------------------------------------------------------
+
+
+def _planted(w_fmt, a_fmt, out=24, d_in=32, tokens=96, seed=0):
+    """Weights whose rows lie on w_fmt's grid (row bias r_o) and activations on a_fmt's grid,
+    every row/tensor touching its max: the planted formats reproduce the layer exactly, and no
+    other candidate format can represent those values."""
+    rng = np.random.default_rng(seed)
+    n_w, n_a = 2**w_fmt.bits, 2**a_fmt.bits
+    wg = R.decode(rng.integers(0, n_w, (out, d_in)).astype(np.uint8), w_fmt, 0).astype(np.float64)
+    wg[:, 0] = R.max_from_bias(0, w_fmt)
+    wg[:, 1 : 2 ** (w_fmt.ebits + w_fmt.mbits) + 1] = R.decode(
+        np.arange(2 ** (w_fmt.ebits + w_fmt.mbits), dtype=np.uint8), w_fmt, 0
+    )[None, : d_in - 1]
+    rows = rng.integers(-2, 3, out)
+    w = wg * 2.0 ** (-rows[:, None])
+    xg = R.decode(rng.integers(0, n_a, (tokens, d_in)).astype(np.uint8), a_fmt, 0).astype(
+        np.float64
+    )
+    xg[0, :] = R.decode(np.arange(d_in) % (2 ** (a_fmt.ebits + a_fmt.mbits)), a_fmt, 0)
+    xg[1, 0] = R.max_from_bias(0, a_fmt)
+    x = xg * 2.0**-3
+    return x, w
+
+
+@pytest.mark.parametrize("preshifted", [False, True], ids=["baseline", "fpq"])
+@pytest.mark.parametrize("w_fmt,a_fmt", [(E1M2, E3M0), (E3M0, E1M2), (E2M1, E1M2)])
+def test_search_finds_planted_4bit_formats(w_fmt, a_fmt, preshifted):
+    x, w = _planted(w_fmt, a_fmt)
+    res = R.search(x, w, rounds=2, n_candidates=20, preshifted=preshifted)
+    assert (res.w_format, res.a_format) == (w_fmt, a_fmt)
+    assert res.mse == 0.0
+
+
+def test_search_finds_planted_8bit_formats():
+    """The code's 8-bit format search sets E = bits - 1 - index without the +2 mantissa offset;
+    here the planted E3M4 weights / E5M2 activations must come back as such."""
+    w_fmt, a_fmt = FPFormat(3, 4), FPFormat(5, 2)
+    x, w = _planted(w_fmt, a_fmt, out=16, d_in=160, tokens=64)
+    res = R.search(x, w, wbits=8, abits=8, rounds=2, n_candidates=10)
+    assert (res.w_format, res.a_format) == (w_fmt, a_fmt)
+    assert res.mse == 0.0
+
+
+@settings(max_examples=10)
+@given(
+    x=float_arrays(outlier_cols=True, zero_rows=True, max_rows=40, max_cols=24),
+    preshifted=st.booleans(),
+    search_space=st.sampled_from(["bias", "max"]),
+    seed=st.integers(0, 2**32 - 1),
+)
+def test_search_never_worse_than_its_min_max_start(x, preshifted, search_space, seed):
+    """Every step keeps the current choice as a candidate (a fix: the code can get worse)."""
+    rng = np.random.default_rng(seed)
+    w = rng.standard_normal((7, x.shape[1]))
+    res = R.search(x, w, rounds=2, n_candidates=8, preshifted=preshifted, search_space=search_space)
+    if preshifted:
+        t, k = R.preshift(R.bias_from_max(np.abs(x).max(axis=0), E2M1), E2M1)
+        a_bias = t + k
+    else:
+        a_bias = R.bias_from_max(np.abs(x).max(), E2M1)
+    start = R.linear(
+        x.astype(np.float64), w, E2M1, a_bias, E2M1, R.bias_from_max(np.abs(w).max(axis=1), E2M1)
+    )
+    start_mse = np.mean((x.astype(np.float64) @ w.T - start) ** 2)
+    assert res.mse <= start_mse * (1 + 1e-12) + 1e-300
+    # the reported biases reproduce the reported error
+    y = R.linear(x.astype(np.float64), w, res.a_format, res.a_bias, res.w_format, res.w_bias)
+    assert np.isclose(np.mean((x.astype(np.float64) @ w.T - y) ** 2), res.mse, rtol=1e-12, atol=0)
+
+
+def test_search_direction_identity():
+    """Multiplying the bias (the code) moves the clip max by 2^((1 - g) b0): with b0 > 0 a factor
+    g < 1 enlarges the range; with b0 < 0 it clips. search_space='max' clips for every g < 1."""
+    for maxval in (0.05, 300.0):
+        b0 = float(R.bias_from_max(maxval, E2M1))
+        for g in (0.5, 0.9, 1.1):
+            assert np.isclose(
+                R.max_from_bias(g * b0, E2M1), maxval * 2 ** ((1 - g) * b0), rtol=1e-6
+            )
+            assert np.isclose(R.max_from_bias(b0 - np.log2(g), E2M1), g * maxval, rtol=1e-6)
+
+
+def test_fast_search_matches_reference():
+    rng = np.random.default_rng(3)
+    x = rng.standard_normal((48, 20)) * np.exp(rng.standard_normal(20))
+    w = rng.standard_normal((9, 20)) * 0.1
+    b = rng.standard_normal(9) * 0.1
+    for preshifted in (False, True):
+        kw = dict(rounds=2, n_candidates=12, preshifted=preshifted, search_space="bias")
+        r = R.search(x, w, b, **kw)
+        f = F.search(torch.from_numpy(x), torch.from_numpy(w), torch.from_numpy(b), **kw)
+        assert (f.w_format, f.a_format) == (r.w_format, r.a_format)
+        np.testing.assert_array_equal(f.w_bias.numpy(), r.w_bias)
+        np.testing.assert_array_equal(f.a_bias.numpy(), r.a_bias)
+        assert math.isclose(f.mse, r.mse, rel_tol=1e-9)
+    xq, wq = _planted(E1M2, E3M0)
+    f = F.search(
+        torch.from_numpy(xq).float(), torch.from_numpy(wq).float(), rounds=2, n_candidates=20
+    )
+    assert (f.w_format, f.a_format) == (E1M2, E3M0) and f.mse == 0.0
+
+
+# ---- Triton kernels (interpreter on CPU; natively with -m gpu) ---------------------------------------
+
+
+def _kernel_cases(rng, shape):
+    """(fmt, bias) pairs: integer, real scalar, per-row, per-column real biases (negative too)."""
+    for fmt in (E3M0, E2M1, E1M2, FPFormat(4, 3), FPFormat(5, 2), FPFormat(1, 6)):
+        for bias in (
+            float(fmt.bias),
+            float(rng.uniform(-8, 8)),
+            rng.uniform(-6, 12, (shape[0], 1)),
+            rng.uniform(-6, 12, (shape[1],)),
+        ):
+            yield fmt, bias
+
+
+def _special_input(rng, shape):
+    x = (rng.standard_normal(shape) * 10.0 ** rng.integers(-3, 3, (shape[0], 1))).astype(np.float32)
+    x[1] = 0.0  # zero row
+    x[2, :6] = [np.inf, -np.inf, -0.0, 2.0**-140, 3.0, 1.5]
+    return x
+
+
+@pytest.mark.interpret
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the NaN input
+def test_kernel_fake_quant_and_codes_match_reference_bit_for_bit():
+    from lowbit.kernels import fpq as K
+
+    rng = np.random.default_rng(5)
+    shape = (19, 70)  # partial tiles in both directions
+    x = _special_input(rng, shape)
+    x[3, 0] = np.nan
+    for fmt, bias in _kernel_cases(rng, shape):
+        scale, scale_inv = F._bias_scales(torch.as_tensor(bias, dtype=torch.float64))
+        out = K.fake_quant(torch.from_numpy(x), fmt.ebits, fmt.mbits, scale, scale_inv)
+        compare(f"kernel quantize {fmt.name}", out, R.quantize(x, fmt, bias), EXACT)
+        finite = np.nan_to_num(x, nan=0.0)
+        codes = K.fake_quant(
+            torch.from_numpy(finite), fmt.ebits, fmt.mbits, scale, scale_inv, codes=True
+        )
+        compare(f"kernel codes {fmt.name}", codes, R.encode(finite, fmt, bias), EXACT)
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize(
+    "w_fmt,a_fmt",
+    [(E2M1, E2M1), (E3M0, E1M2), (E2M1, FPFormat(4, 3)), (FPFormat(4, 3), FPFormat(4, 3))],
+)
+def test_kernel_fp_linear_with_folded_preshift(w_fmt, a_fmt):
+    """Codes in, FP4/FP8 decoded in registers, shifts folded into the weight exponent: equal to the
+    simulated per-channel layer within tier B (float32 accumulation vs float64 truth)."""
+    from lowbit.kernels import fpq as K
+
+    rng = np.random.default_rng(7)
+    M, N, Kd = 20, 37, 45
+    x = (rng.standard_normal((M, Kd)) * np.exp(rng.standard_normal(Kd) * 1.5)).astype(np.float32)
+    x[:, 4] = 0.0
+    w = (rng.standard_normal((N, Kd)) * 0.1).astype(np.float32)
+    b = rng.standard_normal(N).astype(np.float32)
+    t, k = R.preshift(R.bias_from_max(np.abs(x).max(axis=0), a_fmt), a_fmt)
+    wb = R.bias_from_max(np.abs(w).max(axis=1), w_fmt) + rng.uniform(-0.3, 0.3, N)
+    a_codes = torch.from_numpy(R.encode(x, a_fmt, t + k))
+    w_codes = torch.from_numpy(R.encode(w, w_fmt, wb[:, None]))
+    packed = w_fmt.bits == 4
+    if packed:
+        w_codes = K.pack_nibbles(w_codes)
+        np.testing.assert_array_equal(
+            w_codes.numpy(), formats.pack(R.encode(w, w_fmt, wb[:, None]), 4).reshape(N, -1)
+        )
+    _, a_si = F._bias_scales(torch.as_tensor(t))
+    _, w_si = F._bias_scales(torch.from_numpy(wb))
+    y = K.fpq_linear(
+        a_codes,
+        w_codes,
+        torch.from_numpy(k),
+        a_si.float(),
+        w_si.float(),
+        (a_fmt.ebits, a_fmt.mbits),
+        (w_fmt.ebits, w_fmt.mbits),
+        bias=torch.from_numpy(b),
+        w_packed=packed,
+    )
+    truth = R.linear(x, w, a_fmt, t + k, w_fmt, wb, b)
+    naive = torch.from_numpy(R.quantize(x, a_fmt, t + k)) @ torch.from_numpy(
+        R.quantize(w, w_fmt, wb[:, None])
+    ).T + torch.from_numpy(b)
+    compare("fp linear kernel", y, truth, MATMUL, naive)
+
+
+@pytest.mark.gpu
+def test_gpu_kernels_native():
+
+    rng = np.random.default_rng(11)
+    shape = (257, 1031)
+    x = _special_input(rng, shape)
+    for fmt, bias in _kernel_cases(rng, shape):
+        xb = torch.as_tensor(bias, dtype=torch.float64)
+        for dtype in (torch.float32, torch.bfloat16, torch.float16):
+            xt = torch.from_numpy(x).to(dtype)
+            ref = R.quantize(xt.float().numpy(), fmt, bias)
+            ref = torch.from_numpy(ref).to(dtype).float().numpy()
+            got = F.quantize(xt.cuda(), fmt, xb.cuda()).float().cpu()  # dispatches to the kernel
+            compare(f"gpu quantize {fmt.name} {dtype}", got, ref, EXACT)
+    M, N, Kd = 300, 520, 1000
+    xa = (rng.standard_normal((M, Kd)) * np.exp(rng.standard_normal(Kd))).astype(np.float32)
+    w = (rng.standard_normal((N, Kd)) * 0.05).astype(np.float32)
+    lin = torch.nn.Linear(Kd, N).cuda()
+    with torch.no_grad():
+        lin.weight.copy_(torch.from_numpy(w))
+    from lowbit.fast.nn import FPQLinear
+
+    res = F.search(
+        torch.from_numpy(xa[:128]).cuda(),
+        lin.weight.detach(),
+        lin.bias.detach(),
+        preshifted=True,
+        rounds=1,
+        n_candidates=10,
+    )
+    mod = FPQLinear.from_linear(lin, result=res)
+    y = mod(torch.from_numpy(xa).cuda()).cpu()
+    truth = R.linear(
+        xa,
+        w,
+        res.a_format,
+        res.a_bias.cpu().numpy(),
+        res.w_format,
+        res.w_bias.cpu().numpy(),
+        lin.bias.detach().cpu().numpy(),
+    )
+    cpu = mod.cpu()(torch.from_numpy(xa))
+    compare("FPQLinear cuda vs reference", y, truth, MATMUL, cpu)
+
+
+# ---- FPQLinear, the calibration driver, save/load ----------------------------------------------------
+
+
+def _tiny_model(seed=0):
+    torch.manual_seed(seed)
+    return torch.nn.Sequential(
+        torch.nn.Linear(24, 40), torch.nn.GELU(), torch.nn.Linear(40, 16, bias=False)
+    )
+
+
+def test_fpqlinear_matches_reference_layer_and_round_trips(tmp_path):
+    from lowbit.fast.convert import load_quantized, save_quantized
+    from lowbit.fast.nn import QUANTIZED_MODULES, FPQLinear
+
+    assert QUANTIZED_MODULES["FPQLinear"] is FPQLinear
+    model = _tiny_model()
+    x = torch.randn(64, 24) * torch.randn(24).exp()
+    inputs = F._capture_inputs(model, ["0", "2"], lambda: model(x))
+    torch.testing.assert_close(inputs["0"], x)
+    results = F._quantize_model(
+        model, inputs, rounds=1, n_candidates=8, preshifted=True, progress=False
+    )
+    assert isinstance(model[0], FPQLinear) and isinstance(model[2], FPQLinear)
+    # the module computes the reference's simulated layer on the searched parameters
+    lin0, res = model[0], results["0"]
+    truth = R.linear(
+        x.numpy(),
+        _tiny_model()[0].weight.detach().numpy(),
+        res.a_format,
+        res.a_bias.numpy(),
+        res.w_format,
+        res.w_bias.numpy(),
+        _tiny_model()[0].bias.detach().numpy(),
+    )
+    naive = (
+        torch.from_numpy(R.quantize(x.numpy(), res.a_format, res.a_bias.numpy()))
+        @ lin0.dequantized_weight().T
+        + lin0.bias
+    )
+    compare("FPQLinear", lin0(x), truth, MATMUL, naive)
+    assert np.all(res.a_shift.numpy() >= 0) and lin0.act_shift.tolist() == res.a_shift.tolist()
+    y = model(x)
+    path = tmp_path / "fpq.safetensors"
+    save_quantized(model, path)
+    loaded = load_quantized(_tiny_model(seed=1), path)
+    assert isinstance(loaded[0], FPQLinear) and loaded[0].w_format == model[0].w_format
+    torch.testing.assert_close(loaded(x), y, rtol=0, atol=0)
+    # to_linear keeps the dequantized weights; float16 inputs come back as float16
+    torch.testing.assert_close(model[2].to_linear().weight, model[2].dequantized_weight())
+    assert (
+        model(x.half().float()).dtype == torch.float32 and model[0](x.half()).dtype == torch.float16
+    )
+
+
+def test_fpqlinear_minmax_and_errors():
+    from lowbit.fast.nn import FPQLinear
+
+    lin = torch.nn.Linear(9, 5)
+    x = torch.randn(30, 9)
+    mod = FPQLinear.from_linear(lin, w_format=E2M1, a_format=E2M1, calib_inputs=x)
+    w_bias = R.bias_from_max(np.abs(lin.weight.detach().numpy()).max(axis=1), E2M1)
+    compare(
+        "minmax weight",
+        mod.dequantized_weight(),
+        R.quantize(lin.weight.detach().numpy(), E2M1, w_bias[:, None]),
+        EXACT,
+    )
+    assert float(mod.act_bias) == float(R.bias_from_max(np.abs(x.numpy()).max(), E2M1))
+    assert mod.weight_codes.shape == (5, 5)  # 9 codes -> 5 bytes per row
+    with pytest.raises(ValueError, match="calib_inputs"):
+        FPQLinear.from_linear(lin, w_format=E2M1, a_format=E2M1)
+    with pytest.raises(ValueError, match="<= 8"):
+        FPQLinear(4, 4, w_format=(5, 4))
+    with pytest.raises(ValueError, match="inputs"):
+        mod(torch.randn(3, 8))
+    weight_only = FPQLinear.from_linear(lin, w_format=FPFormat(4, 3), a_format=None)
+    torch.testing.assert_close(
+        weight_only(x), torch.nn.functional.linear(x, weight_only.dequantized_weight(), lin.bias)
+    )
+
+
+def test_report_rows_builder_on_a_tiny_model(monkeypatch):
+    """fpq_rows end to end on a stand-in Context (the real MiniLM run is `lowbit report`)."""
+    import copy
+
+    from lowbit.fast import report
+
+    class TinyContext:
+        progress = False
+        quality_name = "output cosine"
+
+        def __init__(self):
+            self.model = _tiny_model().eval()
+            self.x = torch.randn(48, 24) * torch.randn(24).exp()
+            self._inputs = F._capture_inputs(self.model, ["0", "2"], lambda: self.model(self.x))
+
+        def linears(self, model=None):
+            model = self.model if model is None else model
+            return {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+
+        def calib_inputs(self):
+            return self._inputs
+
+        def fresh_copy(self):
+            return copy.deepcopy(self.model)
+
+        def evaluate(self, model):
+            with torch.no_grad():
+                return float(
+                    torch.nn.functional.cosine_similarity(model(self.x), self.model(self.x)).mean()
+                )
+
+    monkeypatch.setattr(report, "FPQ_SEARCH", {"n_candidates": 4, "rounds": 1, "max_tokens": 32})
+    assert report.ROW_BUILDERS["fpq"] is report.fpq_rows
+    rows = report.fpq_rows(TinyContext())
+    labels = [r.config for r in rows]
+    assert labels[:4] == ["W4A4 MinMax INT", "W4A4 MinMax E2M1", "W4A4 FPQ baseline", "W4A4 FPQ"]
+    assert len(rows) == 10 and all(-1.0 <= r.quality <= 1.0 + 1e-6 for r in rows)
+    assert all(r.method == "FPQ" and r.wbits and r.act_rel_err is not None for r in rows)
+    assert "5 candidates, 1 rounds" in rows[2].note  # the reduced search is stated in the note
