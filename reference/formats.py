@@ -51,6 +51,7 @@ always saturate; negative input to an unsigned format saturates to its smallest 
 
 from __future__ import annotations
 
+import functools
 import math
 import re
 from dataclasses import dataclass
@@ -300,7 +301,7 @@ _INT_PATTERN = re.compile(r"^(u?)int(\d+)$")
 
 def parse_format(name: str | FPFormat | IntFormat) -> FPFormat | IntFormat:
     """Parse a format name: a named format ("e4m3fn", "e2m1fn", "e8m0fnu", "bf16"), a generic
-    "e<E>m<M>[fn|ieee][u][_b<bias>][_nosub|_sub]" (no suffix: every code finite, as in LLM-FP4), or
+    ``"e<E>m<M>[fn|ieee][u][_b<bias>][_nosub|_sub]"`` (no suffix: every code finite, as in LLM-FP4), or
     "int<n>" / "uint<n>". Formats pass through unchanged."""
     if isinstance(name, (FPFormat, IntFormat)):
         return name
@@ -346,11 +347,19 @@ def _code_value(code: int, fmt: FPFormat) -> float:
 
 def values(fmt: FPFormat | IntFormat | str) -> np.ndarray:
     """Every code's value in code order (float64), e.g. 16 values for E2M1FN."""
-    fmt = parse_format(fmt)
+    return _value_table(parse_format(fmt)).copy()
+
+
+@functools.lru_cache(maxsize=64)
+def _value_table(fmt: FPFormat | IntFormat) -> np.ndarray:
+    """``values(fmt)``, computed once per format (65,536 Python-level decodes for 16 bits)."""
     codes = range(2**fmt.bits)
     if isinstance(fmt, IntFormat):
-        return np.array([_int_code_value(c, fmt) for c in codes], dtype=np.float64)
-    return np.array([_code_value(c, fmt) for c in codes], dtype=np.float64)
+        table = np.array([_int_code_value(c, fmt) for c in codes], dtype=np.float64)
+    else:
+        table = np.array([_code_value(c, fmt) for c in codes], dtype=np.float64)
+    table.flags.writeable = False
+    return table
 
 
 def _int_code_value(code: int, fmt: IntFormat) -> int:
@@ -379,7 +388,7 @@ def decode(codes: np.ndarray, fmt: FPFormat | IntFormat | str, dtype=None) -> np
         raise ValueError(
             f"codes out of range for {fmt.name} ({fmt.bits} bits): max is {2**fmt.bits - 1}"
         )
-    table = values(fmt).astype(np.dtype(dtype) if dtype is not None else np.float32)
+    table = _value_table(fmt).astype(np.dtype(dtype) if dtype is not None else np.float32)
     return table[codes.astype(np.int64)]
 
 
@@ -587,12 +596,12 @@ def pack(codes: np.ndarray, bits: int = 4) -> np.ndarray:
     n = codes.shape[-1]
     pad = (-n) % g
     codes = np.concatenate([codes, np.zeros(codes.shape[:-1] + (pad,), np.uint64)], axis=-1)
-    groups = codes.reshape(codes.shape[:-1] + (-1, g))  # (..., groups, g)
+    groups = codes.reshape(codes.shape[:-1] + (codes.shape[-1] // g, g))  # (..., groups, g)
     shifts = np.arange(g, dtype=np.uint64) * np.uint64(bits)
     word = np.bitwise_or.reduce(groups << shifts, axis=-1)  # (..., groups), <= 64 bits
     byte_shifts = np.arange(nbytes, dtype=np.uint64) * np.uint64(8)
     out = (word[..., None] >> byte_shifts) & np.uint64(0xFF)  # (..., groups, nbytes)
-    return out.astype(np.uint8).reshape(codes.shape[:-1] + (-1,))
+    return out.astype(np.uint8).reshape(codes.shape[:-1] + (groups.shape[-2] * nbytes,))
 
 
 def unpack(packed: np.ndarray, bits: int = 4, n: int | None = None) -> np.ndarray:
@@ -605,12 +614,14 @@ def unpack(packed: np.ndarray, bits: int = 4, n: int | None = None) -> np.ndarra
         raise ValueError(
             f"last axis of {packed.shape[-1]} bytes is not a multiple of {nbytes} ({bits}-bit groups)"
         )
-    groups = packed.astype(np.uint64).reshape(packed.shape[:-1] + (-1, nbytes))
+    groups = packed.astype(np.uint64).reshape(
+        packed.shape[:-1] + (packed.shape[-1] // nbytes, nbytes)
+    )
     byte_shifts = np.arange(nbytes, dtype=np.uint64) * np.uint64(8)
     word = np.bitwise_or.reduce(groups << byte_shifts, axis=-1)  # (..., groups)
     shifts = np.arange(g, dtype=np.uint64) * np.uint64(bits)
     codes = (word[..., None] >> shifts) & np.uint64(2**bits - 1)  # (..., groups, g)
-    codes = codes.astype(np.uint8).reshape(packed.shape[:-1] + (-1,))
+    codes = codes.astype(np.uint8).reshape(packed.shape[:-1] + (groups.shape[-2] * g,))
     if n is not None:
         if not 0 <= n <= codes.shape[-1]:
             raise ValueError(f"n={n} is out of range: the data holds {codes.shape[-1]} codes")

@@ -470,3 +470,8 @@ def test_mx_nan_block_and_errors():
         F.quantize_mx(x, F.E4M3FN, block=0)
     with pytest.raises(ValueError, match="signed float"):
         F.quantize_mx(x, "int8")
+
+
+def test_pack_empty_leading_dimension():
+    assert F.pack(np.zeros((0, 3), np.uint8), 4).shape == (0, 2)
+    assert F.unpack(np.zeros((0, 3), np.uint8), 6, n=0).shape == (0, 0)
