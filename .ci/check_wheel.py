@@ -13,7 +13,18 @@ import zipfile
 root = pathlib.Path(__file__).resolve().parent.parent
 with tempfile.TemporaryDirectory() as tmp:
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", tmp, str(root)],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            tmp,
+            str(root),
+        ],
         check=True,
     )
     (wheel,) = pathlib.Path(tmp).glob("lowbit-*.whl")
@@ -21,10 +32,16 @@ with tempfile.TemporaryDirectory() as tmp:
 missing = []
 for folder in ("reference", "fast", "kernels"):
     for path in (root / folder).rglob("*"):
-        if path.is_file() and (path.suffix in (".py", ".typed", ".txt")) and "__pycache__" not in path.parts:
+        if (
+            path.is_file()
+            and (path.suffix in (".py", ".typed", ".txt"))
+            and "__pycache__" not in path.parts
+        ):
             rel = path.relative_to(root / folder).as_posix()
             if f"lowbit/{folder}/{rel}" not in names:
                 missing.append(f"{folder}/{rel}")
 if missing:
-    sys.exit(f"the regular install misses {len(missing)} file(s): {missing[:10]} (update pyproject.toml)")
+    sys.exit(
+        f"the regular install misses {len(missing)} file(s): {missing[:10]} (update pyproject.toml)"
+    )
 print(f"wheel holds all {sum(n.startswith('lowbit/') for n in names)} package files")

@@ -601,7 +601,7 @@ def pack(codes: np.ndarray, bits: int = 4) -> np.ndarray:
     word = np.bitwise_or.reduce(groups << shifts, axis=-1)  # (..., groups), <= 64 bits
     byte_shifts = np.arange(nbytes, dtype=np.uint64) * np.uint64(8)
     out = (word[..., None] >> byte_shifts) & np.uint64(0xFF)  # (..., groups, nbytes)
-    return out.astype(np.uint8).reshape(codes.shape[:-1] + (groups.shape[-2] * nbytes,))
+    return out.astype(np.uint8).reshape(codes.shape[:-1] + (codes.shape[-1] // g * nbytes,))
 
 
 def unpack(packed: np.ndarray, bits: int = 4, n: int | None = None) -> np.ndarray:
@@ -621,7 +621,7 @@ def unpack(packed: np.ndarray, bits: int = 4, n: int | None = None) -> np.ndarra
     word = np.bitwise_or.reduce(groups << byte_shifts, axis=-1)  # (..., groups)
     shifts = np.arange(g, dtype=np.uint64) * np.uint64(bits)
     codes = (word[..., None] >> shifts) & np.uint64(2**bits - 1)  # (..., groups, g)
-    codes = codes.astype(np.uint8).reshape(packed.shape[:-1] + (groups.shape[-2] * g,))
+    codes = codes.astype(np.uint8).reshape(packed.shape[:-1] + (packed.shape[-1] // nbytes * g,))
     if n is not None:
         if not 0 <= n <= codes.shape[-1]:
             raise ValueError(f"n={n} is out of range: the data holds {codes.shape[-1]} codes")
