@@ -32,7 +32,87 @@ _DTYPES = {
 }
 
 
-class Linear8bitLt(nn.Module):
+class _QuantizedLinear(nn.Module):
+    """What every quantized linear shares: shape checks, the bias buffer, ``to_linear()``
+    (through the subclass's ``dequantized_weight()``), the common config entries and the
+    reshaping of (..., in_features) inputs."""
+
+    bias: torch.Tensor | None
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool,
+        weight_dtype: torch.dtype,
+        device: torch.device | str | None,
+    ):
+        super().__init__()
+        if in_features < 0 or out_features < 0:
+            raise ValueError(
+                f"in_features and out_features must be >= 0, got {in_features}, {out_features}"
+            )
+        self.in_features = int(in_features)
+        self.out_features = int(out_features)
+        self.weight_dtype = weight_dtype
+        if bias:
+            self.register_buffer(
+                "bias", torch.zeros(out_features, dtype=weight_dtype, device=device)
+            )
+        else:
+            self.bias = None
+
+    def dequantized_weight(self) -> torch.Tensor:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def to_linear(self) -> nn.Linear:
+        """A plain ``nn.Linear`` holding the dequantized weights."""
+        w = self.dequantized_weight()
+        lin = nn.Linear(
+            self.in_features,
+            self.out_features,
+            bias=self.bias is not None,
+            device=w.device,
+            dtype=self.weight_dtype,
+        )
+        with torch.no_grad():
+            lin.weight.copy_(w.to(self.weight_dtype))
+            if self.bias is not None and lin.bias is not None:
+                lin.bias.copy_(self.bias)
+        return lin
+
+    def _base_config(self) -> dict[str, Any]:
+        return {
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "bias": self.bias is not None,
+            "weight_dtype": str(self.weight_dtype).removeprefix("torch."),
+        }
+
+    @classmethod
+    def _base_args(cls, config: dict[str, Any]) -> dict[str, Any]:
+        dtype_name = config.get("weight_dtype", "float32")
+        if dtype_name not in _DTYPES:
+            raise ValueError(
+                f"{cls.__name__} config: unknown weight_dtype {dtype_name!r}; expected one of {sorted(_DTYPES)}"
+            )
+        return dict(
+            in_features=int(config["in_features"]),
+            out_features=int(config["out_features"]),
+            bias=bool(config["bias"]),
+            weight_dtype=_DTYPES[dtype_name],
+        )
+
+    def _rows(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., in_features) -> (tokens, in_features), with a clear error on a wrong width."""
+        if x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"{type(self).__name__} expects (..., {self.in_features}) inputs, got shape {tuple(x.shape)}"
+            )
+        return x.reshape(math.prod(x.shape[:-1]), self.in_features)
+
+
+class Linear8bitLt(_QuantizedLinear):
     """LLM.int8() linear layer: int8 weights (one absmax per output feature) stored once,
     activations quantized per token at run time, with outlier decomposition above ``threshold``.
 
@@ -58,28 +138,15 @@ class Linear8bitLt(nn.Module):
         weight_dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
     ):
-        super().__init__()
-        if in_features < 0 or out_features < 0:
-            raise ValueError(
-                f"in_features and out_features must be >= 0, got {in_features}, {out_features}"
-            )
+        super().__init__(in_features, out_features, bias, weight_dtype, device)
         _llm_int8._check_threshold(threshold)
-        self.in_features = int(in_features)
-        self.out_features = int(out_features)
         self.threshold = float(threshold)
-        self.weight_dtype = weight_dtype
         self.register_buffer(
             "weight_codes", torch.zeros(out_features, in_features, dtype=torch.int8, device=device)
         )
         self.register_buffer(
             "weight_absmax", torch.zeros(out_features, dtype=torch.float32, device=device)
         )
-        if bias:
-            self.register_buffer(
-                "bias", torch.zeros(out_features, dtype=weight_dtype, device=device)
-            )
-        else:
-            self.bias = None
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, threshold: float = 6.0) -> Linear8bitLt:
@@ -107,50 +174,15 @@ class Linear8bitLt(nn.Module):
         """W ≈ q · c / 127 (float32)."""
         return _llm_int8.vectorwise_dequant(self.weight_codes, self.weight_absmax)
 
-    def to_linear(self) -> nn.Linear:
-        lin = nn.Linear(
-            self.in_features,
-            self.out_features,
-            bias=self.bias is not None,
-            device=self.weight_codes.device,
-            dtype=self.weight_dtype,
-        )
-        with torch.no_grad():
-            lin.weight.copy_(self.dequantized_weight().to(self.weight_dtype))
-            if self.bias is not None and lin.bias is not None:
-                lin.bias.copy_(self.bias)
-        return lin
-
     def lowbit_config(self) -> dict[str, Any]:
-        return {
-            "in_features": self.in_features,
-            "out_features": self.out_features,
-            "bias": self.bias is not None,
-            "threshold": self.threshold,
-            "weight_dtype": str(self.weight_dtype).removeprefix("torch."),
-        }
+        return {**self._base_config(), "threshold": self.threshold}
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> Linear8bitLt:
-        dtype_name = config.get("weight_dtype", "float32")
-        if dtype_name not in _DTYPES:
-            raise ValueError(
-                f"Linear8bitLt config: unknown weight_dtype {dtype_name!r}; expected one of {sorted(_DTYPES)}"
-            )
-        return cls(
-            int(config["in_features"]),
-            int(config["out_features"]),
-            bias=bool(config["bias"]),
-            threshold=float(config["threshold"]),
-            weight_dtype=_DTYPES[dtype_name],
-        )
+        return cls(**cls._base_args(config), threshold=float(config["threshold"]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.shape[-1] != self.in_features:
-            raise ValueError(
-                f"Linear8bitLt expects (..., {self.in_features}) inputs, got shape {tuple(x.shape)}"
-            )
-        X = x.reshape(math.prod(x.shape[:-1]), self.in_features)
+        X = self._rows(x)
         Y = _llm_int8._frozen_linear(
             X, self.weight_codes, self.weight_absmax, self.bias, self.threshold
         )
@@ -185,7 +217,7 @@ def _fpq_format(spec: Any) -> Any:
     return fmt
 
 
-class FPQLinear(nn.Module):
+class FPQLinear(_QuantizedLinear):
     """LLM-FP4 linear layer: FP weight codes with a real exponent bias per output channel, and
     static FP activation quantization with a real per-tensor bias t plus integer per-input-channel
     shifts k_c (the pre-shifted exponent bias; all zero for per-tensor activations).
@@ -216,16 +248,9 @@ class FPQLinear(nn.Module):
         weight_dtype: torch.dtype = torch.float32,
         device: torch.device | str | None = None,
     ):
-        super().__init__()
-        if in_features < 0 or out_features < 0:
-            raise ValueError(
-                f"in_features and out_features must be >= 0, got {in_features}, {out_features}"
-            )
-        self.in_features = int(in_features)
-        self.out_features = int(out_features)
+        super().__init__(in_features, out_features, bias, weight_dtype, device)
         self.w_format = _fpq_format(w_format)
         self.a_format = None if a_format is None else _fpq_format(a_format)
-        self.weight_dtype = weight_dtype
         packed_cols = (in_features + 1) // 2 if self.w_format.bits == 4 else in_features
         self.register_buffer(
             "weight_codes", torch.zeros(out_features, packed_cols, dtype=torch.uint8, device=device)
@@ -237,12 +262,6 @@ class FPQLinear(nn.Module):
         self.register_buffer(
             "act_shift", torch.zeros(in_features, dtype=torch.int32, device=device)
         )
-        if bias:
-            self.register_buffer(
-                "bias", torch.zeros(out_features, dtype=weight_dtype, device=device)
-            )
-        else:
-            self.bias = None
 
     @classmethod
     def from_linear(
@@ -333,46 +352,18 @@ class FPQLinear(nn.Module):
             self._weight_key = key
         return self._weight_cache
 
-    def to_linear(self) -> nn.Linear:
-        lin = nn.Linear(
-            self.in_features,
-            self.out_features,
-            bias=self.bias is not None,
-            device=self.weight_codes.device,
-            dtype=self.weight_dtype,
-        )
-        with torch.no_grad():
-            lin.weight.copy_(self.dequantized_weight().to(self.weight_dtype))
-            if self.bias is not None and lin.bias is not None:
-                lin.bias.copy_(self.bias)
-        return lin
-
     def lowbit_config(self) -> dict[str, Any]:
+        a_format = None if self.a_format is None else [self.a_format.ebits, self.a_format.mbits]
         return {
-            "in_features": self.in_features,
-            "out_features": self.out_features,
-            "bias": self.bias is not None,
+            **self._base_config(),
             "w_format": [self.w_format.ebits, self.w_format.mbits],
-            "a_format": None
-            if self.a_format is None
-            else [self.a_format.ebits, self.a_format.mbits],
-            "weight_dtype": str(self.weight_dtype).removeprefix("torch."),
+            "a_format": a_format,
         }
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> FPQLinear:
-        dtype_name = config.get("weight_dtype", "float32")
-        if dtype_name not in _DTYPES:
-            raise ValueError(
-                f"FPQLinear config: unknown weight_dtype {dtype_name!r}; expected one of {sorted(_DTYPES)}"
-            )
         return cls(
-            int(config["in_features"]),
-            int(config["out_features"]),
-            bias=bool(config["bias"]),
-            w_format=config["w_format"],
-            a_format=config["a_format"],
-            weight_dtype=_DTYPES[dtype_name],
+            **cls._base_args(config), w_format=config["w_format"], a_format=config["a_format"]
         )
 
     def act_biases(self) -> torch.Tensor:
@@ -382,11 +373,7 @@ class FPQLinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from lowbit.fast import fpq
 
-        if x.shape[-1] != self.in_features:
-            raise ValueError(
-                f"FPQLinear expects (..., {self.in_features}) inputs, got shape {tuple(x.shape)}"
-            )
-        X = x.reshape(math.prod(x.shape[:-1]), self.in_features)
+        X = self._rows(x)
         if (
             self.a_format is not None
             and fpq._triton_ok(X)
