@@ -43,6 +43,7 @@ import math
 
 import numpy as np
 import torch
+from lowbit.kernels import on_triton_device
 from lowbit.reference.formats import (
     BF16,
     E2M1FN,
@@ -92,20 +93,8 @@ _LAYOUT = {
 }
 
 
-def _triton_available() -> bool:
-    try:
-        import triton  # noqa: F401
-    except ImportError:  # pragma: no cover
-        return False
-    return True
-
-
 def _use_kernel(x: torch.Tensor) -> bool:
-    return (
-        x.is_cuda
-        and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
-        and _triton_available()
-    )
+    return x.dtype in (torch.float16, torch.bfloat16, torch.float32) and on_triton_device(x)
 
 
 def _torch_dtype(dtype) -> torch.dtype | None:

@@ -17,6 +17,7 @@ from collections.abc import Callable
 from typing import Any
 
 import torch
+from lowbit.kernels import on_triton_device
 from lowbit.reference.formats import FPFormat
 from lowbit.reference.fpq import (
     _BIAS_LIMIT,
@@ -41,16 +42,6 @@ __all__ = [
     "fold_preshift",
     "search",
 ]
-
-
-def _triton_ok(t: torch.Tensor) -> bool:
-    if not t.is_cuda:
-        return False
-    try:
-        import triton  # noqa: F401
-    except ImportError:  # pragma: no cover
-        return False
-    return True
 
 
 def _bias_tensor(bias: Any, device: torch.device) -> torch.Tensor:
@@ -134,7 +125,7 @@ def quantize(x: torch.Tensor, fmt: FPFormat, bias: Any = None) -> torch.Tensor:
     fmt = _check_format(fmt)
     _check_float(x)
     b = _bias_tensor(fmt.bias if bias is None else bias, x.device)
-    if _triton_ok(x) and x.dtype in (torch.float32, torch.float16, torch.bfloat16):
+    if on_triton_device(x) and x.dtype in (torch.float32, torch.float16, torch.bfloat16):
         from lowbit.kernels import fpq as kfpq
 
         if kfpq.supports(x, b):

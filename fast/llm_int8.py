@@ -25,6 +25,7 @@ from __future__ import annotations
 import math
 
 import torch
+from lowbit.kernels import on_triton_device
 
 __all__ = ["vectorwise_quant", "vectorwise_dequant", "int8_matmul", "matmul", "outlier_features"]
 
@@ -43,17 +44,8 @@ def _rows(shape) -> int:
 
 
 def _on_triton_device(t: torch.Tensor) -> bool:
-    """True when ``t`` lives where the Triton kernels run (CUDA, with Triton importable).
-
-    Tests patch this to run the kernel path on CPU tensors under ``TRITON_INTERPRET=1``.
-    """
-    if not t.is_cuda:
-        return False
-    try:
-        import triton  # noqa: F401
-    except ImportError:  # pragma: no cover
-        return False
-    return True
+    """Tests patch this to run the kernel path on CPU tensors under ``TRITON_INTERPRET=1``."""
+    return on_triton_device(t)
 
 
 def _use_triton(t: torch.Tensor) -> bool:

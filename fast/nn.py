@@ -20,6 +20,7 @@ from typing import Any
 
 import torch
 from lowbit.fast import llm_int8 as _llm_int8
+from lowbit.kernels import on_triton_device
 from torch import nn
 
 __all__ = ["Linear8bitLt", "FPQLinear", "QUANTIZED_MODULES"]
@@ -376,7 +377,7 @@ class FPQLinear(_QuantizedLinear):
         X = self._rows(x)
         if (
             self.a_format is not None
-            and fpq._triton_ok(X)
+            and on_triton_device(X)
             and X.dtype in (torch.float32, torch.float16, torch.bfloat16)
             and X.shape[0] > 0
         ):
