@@ -218,18 +218,20 @@ class FPFormat:
 
     @property
     def name(self) -> str:
+        """A name that ``parse_format`` maps back to this format: the named format's key, else
+        the short form ("e4m3", "e3m2fn_b5"), else, where the short form means a named format
+        with other specials (ml_dtypes' "e5m2" is IEEE-like), the explicit "e5m2_none"."""
         for key, fmt in NAMED_FORMATS.items():
             if fmt == self:
                 return key
+        unsigned = "" if self.signed else "u"
+        tail = "" if self.bias == 2 ** (self.ebits - 1) - 1 else f"_b{self.bias}"
+        tail += "" if self.subnormals else "_nosub"
         suffix = {"none": "", "fn": "fn", "ieee": "ieee"}[self.specials]
-        name = f"e{self.ebits}m{self.mbits}{suffix}{'' if self.signed else 'u'}"
-        if self.bias != 2 ** (self.ebits - 1) - 1:
-            name += f"_b{self.bias}"
-        if not self.subnormals:
-            name += "_nosub"
-        elif name in NAMED_FORMATS:  # e.g. E8M0FNU's fields, but with subnormals and a zero
-            name += "_sub"
-        return name
+        short = f"e{self.ebits}m{self.mbits}{suffix}{unsigned}{tail}"
+        if NAMED_FORMATS.get(short) in (None, self):
+            return short
+        return f"e{self.ebits}m{self.mbits}{unsigned}_{self.specials}{tail}"
 
     def __str__(self) -> str:
         return self.name
@@ -295,14 +297,15 @@ NAMED_FORMATS: dict[str, FPFormat] = {
     "bfloat16": BF16,
 }
 _ALIASES = {"fp16": "float16", "half": "float16", "bf16": "bfloat16"}
-_FP_PATTERN = re.compile(r"^e(\d+)m(\d+)(fn|ieee)?(u)?(?:_b(-?\d+))?(_nosub|_sub)?$")
+_FP_PATTERN = re.compile(r"^e(\d+)m(\d+)(fn|ieee)?(u)?(?:_(none|fn|ieee))?(?:_b(-?\d+))?(_nosub)?$")
 _INT_PATTERN = re.compile(r"^(u?)int(\d+)$")
 
 
 def parse_format(name: str | FPFormat | IntFormat) -> FPFormat | IntFormat:
     """Parse a format name: a named format ("e4m3fn", "e2m1fn", "e8m0fnu", "bf16"), a generic
-    ``"e<E>m<M>[fn|ieee][u][_b<bias>][_nosub|_sub]"`` (no suffix: every code finite, as in LLM-FP4), or
-    "int<n>" / "uint<n>". Formats pass through unchanged."""
+    ``"e<E>m<M>[fn|ieee][u][_none|_fn|_ieee][_b<bias>][_nosub]"`` (no suffix: every code
+    finite, as in LLM-FP4; ``_none`` etc. spell the specials out where the short name is taken,
+    e.g. "e5m2_none"), or "int<n>" / "uint<n>". Formats pass through unchanged."""
     if isinstance(name, (FPFormat, IntFormat)):
         return name
     key = str(name).strip().lower()
@@ -314,14 +317,14 @@ def parse_format(name: str | FPFormat | IntFormat) -> FPFormat | IntFormat:
         return IntFormat(int(m.group(2)), signed=not m.group(1))
     m = _FP_PATTERN.match(key)
     if m:
-        ebits, mbits, specials, unsigned, bias, nosub = m.groups()
+        ebits, mbits, specials, unsigned, explicit_specials, bias, nosub = m.groups()
         return FPFormat(
             int(ebits),
             int(mbits),
             bias=None if bias is None else int(bias),
-            specials=specials or "none",  # type: ignore[arg-type]
+            specials=explicit_specials or specials or "none",  # type: ignore[arg-type]
             signed=not unsigned,
-            subnormals=nosub != "_nosub",
+            subnormals=not nosub,
         )
     raise ValueError(
         f"unknown format {name!r}: use a name like 'e2m1', 'e4m3fn', 'e5m2', 'e8m0fnu' or 'int4'"
