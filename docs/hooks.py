@@ -1,0 +1,159 @@
+"""mkdocs hooks: generated pages and an import tree for mkdocstrings.
+
+Registered in mkdocs.yml (``hooks: [docs/hooks.py]``). At build time they
+
+* build ``.docs-pkg/lowbit/{reference,fast,kernels}``: symlinks to the source folders, so that
+  mkdocstrings (griffe reads source files; it does not run the editable install's import hook)
+  finds ``lowbit.*`` from a clean clone; mkdocs.yml points mkdocstrings at ``paths: [.docs-pkg]``;
+* generate ``formats.md`` from the format registry (``docs/gen_formats_page.py``);
+* generate one API page per module name found in reference/, fast/ and kernels/ (so a page exists
+  exactly for the modules that exist), and add them and the tutorials to the nav;
+* add every ``tutorials/NN-*.py`` as a page, which mkdocs-jupyter renders (executing it unless
+  ``LOWBIT_DOCS_EXECUTE=false``).
+
+Nothing is written into docs/: generated pages live only in the build.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import re
+import tempfile
+from pathlib import Path
+
+from mkdocs.plugins import event_priority
+from mkdocs.structure.files import File, Files
+
+log = logging.getLogger("mkdocs.hooks.lowbit")
+
+ROOT = Path(__file__).resolve().parent.parent
+SUBPACKAGES = ("reference", "fast", "kernels")  # folder == lowbit.<name>
+LINK_TREE = ROOT / ".docs-pkg"
+TUTORIAL_PATTERN = re.compile(r"^(\d\d)-[\w-]+\.py$")
+NAV_INSERT_BEFORE = "Benchmarks"  # the generated nav sections go in front of this entry
+
+# API page titles and order; modules not listed here are appended alphabetically.
+API_TITLES = {
+    "formats": "Number formats",
+    "llm_int8": "LLM.int8()",
+    "fpq": "LLM-FP4 (FPQ)",
+    "omniquant": "OmniQuant",
+    "int4_training": "INT4 training",
+    "hadamard": "Hadamard",
+    "int8": "int8 kernels",
+    "nn": "Quantized modules (nn)",
+    "convert": "Model conversion",
+    "report": "Report",
+    "models": "Models",
+    "data": "Data",
+    "cli": "Command line",
+}
+SUBPACKAGE_TITLES = {
+    "reference": "Reference (NumPy / Numba)",
+    "fast": "Fast path (torch)",
+    "kernels": "Triton kernels",
+}
+
+
+def _load_generator():
+    spec = importlib.util.spec_from_file_location(
+        "lowbit_docs_gen_formats", Path(__file__).with_name("gen_formats_page.py")
+    )
+    module = importlib.util.module_from_spec(spec)  # type: ignore[arg-type]
+    spec.loader.exec_module(module)  # type: ignore[union-attr]
+    return module
+
+
+def build_link_tree() -> None:
+    """``.docs-pkg/lowbit/<sub>`` -> ``<sub>/`` (relative symlinks, replaced atomically)."""
+    package = LINK_TREE / "lowbit"
+    package.mkdir(parents=True, exist_ok=True)
+    for sub in SUBPACKAGES:
+        link = package / sub
+        target = os.path.relpath(ROOT / sub, package)
+        if link.is_symlink() and os.readlink(link) == target:
+            continue
+        tmp = Path(tempfile.mkdtemp(dir=package)) / "link"
+        os.symlink(target, tmp)
+        os.replace(tmp, link)
+        tmp.parent.rmdir()
+
+
+def api_modules() -> dict[str, list[str]]:
+    """Module name -> subpackages that define it, for public modules (no leading underscore)."""
+    found: dict[str, list[str]] = {}
+    for sub in SUBPACKAGES:
+        for path in sorted((ROOT / sub).glob("*.py")):
+            if not path.stem.startswith("_"):
+                found.setdefault(path.stem, []).append(sub)
+    order = list(API_TITLES)
+    rank = {stem: (order.index(stem) if stem in order else len(order), stem) for stem in found}
+    return {stem: found[stem] for stem in sorted(found, key=rank.__getitem__)}
+
+
+def tutorials() -> list[Path]:
+    return sorted(p for p in (ROOT / "tutorials").glob("*.py") if TUTORIAL_PATTERN.match(p.name))
+
+
+def _tutorial_title(path: Path) -> str:
+    """First markdown heading of the tutorial, else its file name."""
+    for line in path.read_text(encoding="utf-8").splitlines():
+        m = re.match(r"^#\s+#\s+(.+)$", line)
+        if m:
+            return m.group(1).strip()
+    return path.stem
+
+
+def api_page(stem: str, subs: list[str]) -> str:
+    lines = [f"# {API_TITLES.get(stem, stem)}", ""]
+    lines += [
+        f"`{stem}` is defined in: " + ", ".join(f"`lowbit.{s}.{stem}`" for s in subs) + ".",
+        "",
+    ]
+    for sub in subs:
+        lines += [
+            f"## {SUBPACKAGE_TITLES[sub]}: `lowbit.{sub}.{stem}`",
+            "",
+            f"::: lowbit.{sub}.{stem}",
+            "",
+        ]
+    return "\n".join(lines)
+
+
+@event_priority(100)  # before mkdocstrings' on_config, which fixes its search paths
+def on_config(config):
+    build_link_tree()
+    nav = config.nav
+    if nav is None:
+        return config
+    generated = [
+        {"Tutorials": [{_tutorial_title(p): f"tutorials/{p.name}"} for p in tutorials()]},
+        {"API reference": [{API_TITLES.get(s, s): f"api/{s}.md"} for s in api_modules()]},
+    ]
+    keys = [next(iter(entry)) if isinstance(entry, dict) else None for entry in nav]
+    if "Tutorials" in keys:  # `mkdocs serve` may hand the same config in again
+        return config
+    at = keys.index(NAV_INSERT_BEFORE) if NAV_INSERT_BEFORE in keys else len(nav)
+    nav[at:at] = generated
+    return config
+
+
+@event_priority(100)  # before mkdocs-jupyter's on_files, which wraps the tutorial files
+def on_files(files: Files, config) -> Files:
+    files.append(File.generated(config, "formats.md", content=_load_generator().render()))
+    for stem, subs in api_modules().items():
+        files.append(File.generated(config, f"api/{stem}.md", content=api_page(stem, subs)))
+    for path in tutorials():
+        # A plain File rooted at the repository (not File.generated): mkdocs-jupyter's wrapper
+        # recomputes abs_src_path from src_dir + src_uri.
+        files.append(
+            File(
+                f"tutorials/{path.name}",
+                src_dir=str(ROOT),
+                dest_dir=config.site_dir,
+                use_directory_urls=config.use_directory_urls,
+            )
+        )
+    return files
