@@ -36,6 +36,7 @@ import ml_dtypes
 import numpy as np
 import torch
 from lowbit.fast import formats as fast
+from lowbit.fast._io import atomic_write_text
 from lowbit.reference import formats as ref
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -263,11 +264,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         result["gpu"] = "skipped: no CUDA device"
     result["ratios"] = [{"id": r[0], "what": r[1], "value": r[2], "goal": r[3]} for r in rows]
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=RESULTS, suffix=".json.tmp")
-    with os.fdopen(fd, "w") as f:
-        json.dump(result, f, indent=2)
-    os.replace(tmp, RESULTS / "formats.json")
+    atomic_write_text(RESULTS / "formats.json", json.dumps(result, indent=2))
     print(f"\nNumber formats benchmark ({'quick, ' if args.quick else ''}CPU {n}x{n} float32)")
     print(f"{'id':5} {'ratio':>8}  what (goal)")
     for rid, what, value, goal in rows:

@@ -25,13 +25,13 @@ import json
 import os
 import platform
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
 from lowbit.fast import fpq as fast
+from lowbit.fast._io import atomic_write_text
 from lowbit.reference import fpq as ref
 from lowbit.reference.formats import FPFormat
 
@@ -241,11 +241,7 @@ def main() -> None:
     for gid, what, ratio, meaning in table:
         print(f"{gid:10s} {what:58s} {ratio:8.2f}  {meaning}")
     result["table"] = [list(r) for r in table]
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=RESULTS, prefix=".tmp-", suffix=".json")
-    with os.fdopen(fd, "w") as fh:
-        json.dump(result, fh, indent=2)
-    os.replace(tmp, RESULTS / "fpq.json")
+    atomic_write_text(RESULTS / "fpq.json", json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

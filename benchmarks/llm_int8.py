@@ -30,6 +30,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from lowbit.fast import llm_int8 as fast
+from lowbit.fast._io import atomic_write_text
 from lowbit.reference import llm_int8 as ref
 
 RESULTS = Path(__file__).resolve().parent / "results"
@@ -332,11 +333,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         rows.append(("GPU", "no CUDA device: M1, C1, C7a-c, O1, O2 not measured", float("nan"), ""))
     result["ratios"] = [{"id": r[0], "what": r[1], "value": r[2], "goal": r[3]} for r in rows]
-    RESULTS.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=RESULTS, suffix=".json")
-    with os.fdopen(fd, "w") as f:
-        json.dump(result, f, indent=2)
-    os.replace(tmp, RESULTS / "llm_int8.json")
+    atomic_write_text(RESULTS / "llm_int8.json", json.dumps(result, indent=2))
     print(f"\nLLM.int8() benchmark ({'quick, ' if args.quick else ''}CPU {n}x{n} float32)")
     print(f"{'id':5} {'ratio':>8}  what (goal)")
     for rid, what, value, goal in rows:

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import re
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
+
+from lowbit.fast._io import atomic_write_text
 
 PAGE = Path(__file__).resolve().parent / "benchmarks.md"
 _CONTEXT_KEYS = (
@@ -94,10 +94,7 @@ def write(name: str, section: str, page: Path = PAGE) -> None:
     if not pattern.search(text):
         raise SystemExit(f"{page} has no <!-- bench:{name} --> ... <!-- /bench:{name} --> markers")
     text = pattern.sub(lambda m: m.group(1) + section + m.group(2), text)
-    fd, tmp = tempfile.mkstemp(dir=page.parent, suffix=".md.tmp")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, page)
+    atomic_write_text(page, text)
 
 
 def main() -> None:

@@ -109,6 +109,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     except (ValueError, ModelNotInstalled) as err:
         return _fail(str(err))
+    except OSError as err:  # e.g. the disk filled up while writing the report
+        return _fail(f"{err.strerror or err} ({err.filename or args.out})")
     except KeyboardInterrupt:
         print(f"{PROG}: interrupted; nothing half-written was left in {args.out}", file=sys.stderr)
         return 130

@@ -21,9 +21,9 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 from collections.abc import Callable, Iterable
 
+from lowbit.fast._io import atomic_write_bytes
 from torch import nn
 
 __all__ = ["replace_linears", "restore_linears", "save_quantized", "load_quantized"]
@@ -103,7 +103,7 @@ def save_quantized(model: nn.Module, path: str | os.PathLike) -> None:
     The file is written to a temporary name in the same folder and renamed, so a crash
     never leaves a half-written file under ``path``.
     """
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     path = os.fspath(path)
     meta = {
@@ -112,17 +112,7 @@ def save_quantized(model: nn.Module, path: str | os.PathLike) -> None:
     }
     # safetensors refuses shared or non-contiguous storage: store independent contiguous copies.
     state = {k: v.detach().contiguous().clone() for k, v in model.state_dict().items()}
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-", suffix=".safetensors")
-    os.close(fd)
-    try:
-        save_file(state, tmp, metadata={METADATA_KEY: json.dumps(meta)})
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    atomic_write_bytes(path, save(state, metadata={METADATA_KEY: json.dumps(meta)}))
 
 
 def load_quantized(model: nn.Module, path: str | os.PathLike) -> nn.Module:

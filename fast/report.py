@@ -29,7 +29,6 @@ import csv
 import io
 import math
 import os
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
@@ -39,6 +38,7 @@ from typing import Any
 import torch
 from lowbit.fast import data as text_data
 from lowbit.fast import models as real_models
+from lowbit.fast._io import atomic_write_bytes
 from torch import nn
 
 __all__ = [
@@ -474,21 +474,6 @@ def _rows_csv(rows: Sequence[Row]) -> str:
     return buffer.getvalue()
 
 
-def _atomic_write_bytes(path: Path, payload: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as handle:
-            handle.write(payload)
-        umask = os.umask(0o022)  # mkstemp makes 0600 files; give the usual 0666 & ~umask
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-        raise
-
-
 def _png(figure: Any) -> bytes:
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=120, bbox_inches="tight")
@@ -620,6 +605,15 @@ def run_report(
     out = Path(out_dir)
     if out.exists() and not out.is_dir():
         raise ValueError(f"output folder {out} is a file; pass another --out")
+    # Find an unwritable destination now, not after minutes of quantization (and create
+    # nothing yet: a run that fails early leaves no folder behind).
+    existing = out.absolute()
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(
+            f"cannot write to output folder {out}: {existing} is not a writable folder; pass another --out"
+        )
 
     ctx = build_context(
         model, calib_size, eval_size, seed=seed, progress=progress, smollm2_path=smollm2_path
@@ -660,7 +654,7 @@ def run_report(
     }
     out.mkdir(parents=True, exist_ok=True)
     for name, payload in payloads.items():
-        _atomic_write_bytes(out / name, payload)
+        atomic_write_bytes(out / name, payload)
     print(table, end="")
     return rows
 

@@ -359,3 +359,17 @@ def test_full_default_report(tmp_path, capsys):
     quality = {r["config"]: float(r["quality"]) for r in rows}
     assert quality["unquantized"] == pytest.approx(1.0, abs=1e-6)
     assert quality["int8 W"] > quality["int4 W"] and quality["E4M3FN W"] > quality["E2M1FN W"]
+
+
+def test_unwritable_output_folder_fails_before_any_work(tmp_path, monkeypatch, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+
+    def no_work(*args, **kwargs):
+        raise AssertionError("the model was loaded before the output folder was checked")
+
+    monkeypatch.setattr(report, "build_context", no_work)
+    status = cli.main(["report", "--methods", "formats", "--out", str(blocker / "sub")])
+    err = capsys.readouterr().err
+    assert status == 2
+    assert err.startswith("lowbit: error: cannot write to output folder") and err.count("\n") == 1
