@@ -564,11 +564,17 @@ def quantize(
     seed: int | None = None,
 ) -> np.ndarray:
     """Fake quantization: ``decode(encode(x))`` returned in x's floating dtype (float32 for
-    integer inputs) — the same values as ``x.astype(ml_dtypes.<fmt>).astype(x.dtype)``."""
+    integer inputs) — the same values as ``x.astype(ml_dtypes.<fmt>).astype(x.dtype)``.
+
+    The result is exact whenever x's dtype holds every value of ``fmt`` (all <= 8-bit named
+    formats fit fp16/bf16 except E8M0FNU; everything fits float32). Otherwise the final cast
+    rounds, and values beyond the dtype's range become +-Inf, as the ml_dtypes round trip does.
+    """
     x = np.asarray(x)
     out_dtype = x.dtype if _is_float(x.dtype) else np.dtype(np.float32)
     codes = encode(x, fmt, rounding=rounding, saturate=saturate, seed=seed)
-    return decode(codes, fmt, dtype=np.float64).astype(out_dtype)
+    with np.errstate(over="ignore"):  # a format wider than x's dtype (E8M0 into fp16) -> +-Inf
+        return decode(codes, fmt, dtype=np.float64).astype(out_dtype)
 
 
 # ---- packing ---------------------------------------------------------------------------------------

@@ -97,6 +97,9 @@ def compare(name: str, fast_out: Any, ref_out: Any, tier, naive_out: Any = None)
         assert f.shape == r.shape, (
             f"{name}: output {i} shape {f.shape} (fast) != {r.shape} (reference)"
         )
+        if {f.dtype.kind, r.dtype.kind} & set("uib"):
+            # codes, masks and indices: the dtype is part of the contract (uint8/uint16 codes)
+            assert f.dtype == r.dtype, f"{name}: output {i} dtype {f.dtype} (fast) != {r.dtype}"
         if isinstance(tier, MatmulTier):
             assert n is not None, f"{name}: tier B needs a naive same-precision result"
             bad = tier.check_with_naive(f, r, n)

@@ -8,6 +8,7 @@ import inspect
 import pkgutil
 
 import lowbit.fast
+import lowbit.reference
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -68,3 +69,31 @@ def test_pair_agrees(op):
         )
 
     run()
+
+
+def _public_reference_functions():
+    for info in pkgutil.iter_modules(lowbit.reference.__path__):
+        if info.name.startswith("_"):
+            continue
+        module = importlib.import_module(f"lowbit.reference.{info.name}")
+        for name, obj in vars(module).items():
+            if (
+                inspect.isfunction(obj)
+                and not name.startswith("_")
+                and obj.__module__ == module.__name__
+            ):
+                yield f"{info.name}.{name}"
+
+
+def test_every_public_reference_function_has_a_fast_twin():
+    """The other direction of the mirror rule. Analytic gradients (``*_grad``) are the
+    exception: the fast path gets them from autograd, and the pairs check one against the other."""
+
+    def has_twin(op: str) -> bool:
+        module, name = op.rsplit(".", 1)  # re-exported data helpers (parse_format) count too
+        return hasattr(importlib.import_module(f"lowbit.fast.{module}"), name)
+
+    missing = sorted(
+        op for op in _public_reference_functions() if not op.endswith("_grad") and not has_twin(op)
+    )
+    assert not missing, f"reference functions without a fast twin: {missing}"
