@@ -22,61 +22,29 @@ Usage: ``python benchmarks/formats.py [--quick] [--repeat N]``; prints a ratio t
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
-import statistics
-import subprocess
-import sys
-import tempfile
-import time
-from pathlib import Path
 
 import ml_dtypes
 import numpy as np
 import torch
+from _common import cold_numba_compile_seconds, interleaved, med, write_results
 from lowbit.fast import formats as fast
-from lowbit.fast._io import atomic_write_text
 from lowbit.reference import formats as ref
 
-RESULTS = Path(__file__).resolve().parent / "results"
 E3M0 = ref.FPFormat(3, 0)
 
 
-def interleaved(fns: dict, repeat: int) -> dict[str, list[float]]:
-    """Every candidate once per round (interleaved), ``repeat`` rounds; seconds per call."""
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for fn in fns.values():
-        fn()  # warm-up (JIT, lookup tables)
-    for _ in range(repeat):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return times
-
-
-def med(ts: list[float]) -> float:
-    return statistics.median(ts)
-
-
-def cold_numba_compile_seconds() -> float:
-    """P7: import + first call of the numba loop in a fresh process with an empty cache dir,
-    minus the same process's second call (so only compilation is counted)."""
-    code = (
-        "import time, numpy as np;"
-        "from lowbit.reference.formats import _encode_fp_loop as f;"
-        "a = np.ones(8); e = np.empty(0);"
-        "t = time.perf_counter(); f(a, e, 3, -6, True); t1 = time.perf_counter() - t;"
-        "t = time.perf_counter(); f(a, e, 3, -6, True); t2 = time.perf_counter() - t;"
-        "print(t1 - t2)"
-    )
-    with tempfile.TemporaryDirectory() as cache:
-        env = dict(os.environ, NUMBA_CACHE_DIR=cache)
-        out = subprocess.run(
-            [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
-        )
-    return float(out.stdout.strip().splitlines()[-1])
+# P7: import + first call of the numba loop in a fresh process with an empty cache dir, minus the
+# same process's second call (so only compilation is counted).
+COLD_COMPILE_CODE = (
+    "import time, numpy as np;"
+    "from lowbit.reference.formats import _encode_fp_loop as f;"
+    "a = np.ones(8); e = np.empty(0);"
+    "t = time.perf_counter(); f(a, e, 3, -6, True); t1 = time.perf_counter() - t;"
+    "t = time.perf_counter(); f(a, e, 3, -6, True); t2 = time.perf_counter() - t;"
+    "print(t1 - t2)"
+)
 
 
 def codes_of(y: np.ndarray) -> np.ndarray:
@@ -147,7 +115,7 @@ def cpu_section(n: int, repeat: int) -> tuple[dict, list[tuple[str, str, float, 
         },
         repeat,
     )
-    cold = cold_numba_compile_seconds()
+    cold = cold_numba_compile_seconds(COLD_COMPILE_CODE)
     t = {k: med(v) for k, v in times.items()}
     rows = [
         ("P1", "numba vs numpy encode steps: mismatches", float(mismatches), "gate 0"),
@@ -264,7 +232,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         result["gpu"] = "skipped: no CUDA device"
     result["ratios"] = [{"id": r[0], "what": r[1], "value": r[2], "goal": r[3]} for r in rows]
-    atomic_write_text(RESULTS / "formats.json", json.dumps(result, indent=2))
+    write_results("formats", result)
     print(f"\nNumber formats benchmark ({'quick, ' if args.quick else ''}CPU {n}x{n} float32)")
     print(f"{'id':5} {'ratio':>8}  what (goal)")
     for rid, what, value, goal in rows:

@@ -21,39 +21,17 @@ Usage: ``python benchmarks/fpq.py [--quick]``; prints a ratio table and writes
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import platform
-import statistics
-import time
-from pathlib import Path
 
 import numpy as np
 import torch
+from _common import interleaved, med, write_results
 from lowbit.fast import fpq as fast
-from lowbit.fast._io import atomic_write_text
 from lowbit.reference import fpq as ref
 from lowbit.reference.formats import FPFormat
 
-RESULTS = Path(__file__).resolve().parent / "results"
 E3M0, E2M1, E4M3 = FPFormat(3, 0), FPFormat(2, 1), FPFormat(4, 3)
-
-
-def interleaved(fns: dict, repeat: int) -> dict[str, list[float]]:
-    """Every candidate once per round (interleaved), ``repeat`` rounds; seconds per call."""
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for fn in fns.values():
-        fn()  # warm-up
-    for _ in range(repeat):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return times
-
-
-def med(ts: list[float]) -> float:
-    return statistics.median(ts)
 
 
 def cpu_section(n: int, repeat: int) -> tuple[dict, list[tuple[str, str, float, str]]]:
@@ -241,7 +219,7 @@ def main() -> None:
     for gid, what, ratio, meaning in table:
         print(f"{gid:10s} {what:58s} {ratio:8.2f}  {meaning}")
     result["table"] = [list(r) for r in table]
-    atomic_write_text(RESULTS / "fpq.json", json.dumps(result, indent=2))
+    write_results("fpq", result)
 
 
 if __name__ == "__main__":

@@ -17,56 +17,21 @@ Usage: ``python benchmarks/llm_int8.py [--quick]``; prints a ratio table and wri
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import platform
-import statistics
-import subprocess
-import sys
-import tempfile
-import time
-from pathlib import Path
 
 import numpy as np
 import torch
+from _common import cold_numba_compile_seconds, interleaved, med, write_results
 from lowbit.fast import llm_int8 as fast
-from lowbit.fast._io import atomic_write_text
 from lowbit.reference import llm_int8 as ref
 
-RESULTS = Path(__file__).resolve().parent / "results"
-
-
-def interleaved(fns: dict, repeat: int = 7) -> dict[str, list[float]]:
-    """Run every candidate once per round (interleaved), ``repeat`` rounds; seconds per call."""
-    times: dict[str, list[float]] = {name: [] for name in fns}
-    for fn in fns.values():
-        fn()  # warm-up (JIT, caches)
-    for _ in range(repeat):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            fn()
-            times[name].append(time.perf_counter() - t0)
-    return times
-
-
-def med(ts: list[float]) -> float:
-    return statistics.median(ts)
-
-
-def cold_numba_compile_seconds() -> float:
-    """P7: first call (compile) of the numba row loop in a fresh process with an empty cache."""
-    code = (
-        "import time, numpy as np, numba;"
-        "from lowbit.reference.llm_int8 import _quant_rows_numba; t=time.perf_counter();"
-        "_quant_rows_numba(np.ones((2, 3), np.float32), np.float32(6));"
-        "print(time.perf_counter() - t)"
-    )
-    with tempfile.TemporaryDirectory() as cache:
-        env = dict(os.environ, NUMBA_CACHE_DIR=cache)
-        out = subprocess.run(
-            [sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True
-        )
-    return float(out.stdout.strip().splitlines()[-1])
+# P7: first call (compile) of the numba row loop in a fresh process with an empty cache.
+COLD_COMPILE_CODE = (
+    "import time, numpy as np, numba;"
+    "from lowbit.reference.llm_int8 import _quant_rows_numba; t=time.perf_counter();"
+    "_quant_rows_numba(np.ones((2, 3), np.float32), np.float32(6));"
+    "print(time.perf_counter() - t)"
+)
 
 
 def cpu_section(n: int, repeat: int) -> tuple[dict, list[tuple[str, str, float, str]]]:
@@ -118,7 +83,7 @@ def cpu_section(n: int, repeat: int) -> tuple[dict, list[tuple[str, str, float, 
         },
         repeat,
     )
-    cold = cold_numba_compile_seconds()
+    cold = cold_numba_compile_seconds(COLD_COMPILE_CODE)
 
     t = {k_: med(v) for k_, v in {**q_times, **mm_times}.items()}
     rows = [
@@ -333,7 +298,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         rows.append(("GPU", "no CUDA device: M1, C1, C7a-c, O1, O2 not measured", float("nan"), ""))
     result["ratios"] = [{"id": r[0], "what": r[1], "value": r[2], "goal": r[3]} for r in rows]
-    atomic_write_text(RESULTS / "llm_int8.json", json.dumps(result, indent=2))
+    write_results("llm_int8", result)
     print(f"\nLLM.int8() benchmark ({'quick, ' if args.quick else ''}CPU {n}x{n} float32)")
     print(f"{'id':5} {'ratio':>8}  what (goal)")
     for rid, what, value, goal in rows:
