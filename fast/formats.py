@@ -26,10 +26,11 @@ On CUDA (with Triton importable) fp16/bf16/fp32 inputs go to :mod:`lowbit.kernel
 
 Errors: the same ``ValueError`` as the reference. The data-dependent ones (NaN into a format
 without NaN code, values without any code under ``saturate=False``, codes out of range) need a
-look at the values; they are checked on CPU only. On CUDA they are **not checked** (no
-host-device synchronisation): a NaN without a NaN code encodes as a zero magnitude (code 0 or
-the smallest value, with its sign), a value without a code becomes the smallest value, and
-``decode`` masks codes to the format's bits.
+look at the values; they are checked on CPU only. On CUDA (any non-CPU device) they are
+**not checked** (no host-device synchronisation): a NaN without a NaN code encodes as a zero
+magnitude (code 0 or the smallest value, with its sign), a value without a code becomes the
+smallest value, and ``decode`` masks codes to the format's bits. Lookup tables of code values
+are copied to a device once and cached there (``_values_table``).
 
 Stochastic rounding draws its uniforms from ``torch.Generator(device).manual_seed(seed)``, so
 results are reproducible per device but differ from the reference's NumPy stream; tests feed
@@ -141,6 +142,12 @@ def _name(dtype: torch.dtype) -> str:
 
 def _is_int(dtype: torch.dtype) -> bool:
     return not dtype.is_floating_point and not dtype.is_complex and dtype != torch.bool
+
+
+def _on_host(t: torch.Tensor) -> bool:
+    """Whether the host may look at ``t``'s values (CPU); elsewhere (CUDA, or the meta device
+    the tests use to trace device placement) the value checks are skipped, never synced."""
+    return t.device.type == "cpu"
 
 
 def _code_dtype(fmt: FPFormat | IntFormat) -> torch.dtype:
@@ -267,7 +274,7 @@ def _encode_bits_chunked(
 ) -> torch.Tensor:
     """``_encode_bits`` over cache-sized chunks on CPU (one call on CUDA)."""
     n = xw.numel()
-    if xw.is_cuda or n <= _CHUNK:
+    if not _on_host(xw) or n <= _CHUNK:
         return _encode_bits(xw, fmt, saturate, noise, scale_exp)
     out = torch.empty(n, dtype=_LAYOUT[xw.dtype][0])
     for i in range(0, n, _CHUNK):
@@ -284,7 +291,7 @@ def _encode_bits_chunked(
 
 def _check_values(xw: torch.Tensor, fmt: FPFormat | IntFormat, saturate: bool) -> None:
     """The reference's data-dependent errors (CPU only: they need the host to look)."""
-    if xw.is_cuda:
+    if not _on_host(xw):
         return
     if not isinstance(fmt, IntFormat) and fmt.has_nan:
         return
@@ -365,7 +372,7 @@ def _lut(fmt: FPFormat, saturate: bool, kind: str) -> torch.Tensor:
 
 
 def _lut_kind(x: torch.Tensor, fmt, rounding: str) -> str | None:
-    if x.is_cuda or not isinstance(fmt, FPFormat) or rounding != "nearest_even":
+    if not _on_host(x) or not isinstance(fmt, FPFormat) or rounding != "nearest_even":
         return None
     if x.numel() < _LUT_MIN_NUMEL:
         return None
@@ -463,6 +470,17 @@ def _values_cached(fmt: FPFormat | IntFormat) -> torch.Tensor:
     return torch.where(negative, -value, value)
 
 
+@functools.lru_cache(maxsize=128)
+def _values_table(
+    fmt: FPFormat | IntFormat, device: torch.device, dtype: torch.dtype
+) -> torch.Tensor:
+    """``values(fmt)`` cast to ``dtype`` (on the host, exact IEEE rounding) and resident on
+    ``device``: copied once per (format, device, dtype), so the lookups in ``decode`` and
+    ``quantize_mx`` do no host-to-device copy after the first call (none inside a CUDA graph
+    captured after a warm-up call)."""
+    return _values_cached(fmt).to(dtype).to(device)
+
+
 def values(fmt: FPFormat | IntFormat | str) -> torch.Tensor:
     """Every code's value in code order (float64), e.g. 16 values for E2M1FN."""
     return _values_cached(parse_format(fmt)).clone()
@@ -477,14 +495,13 @@ def decode(codes: torch.Tensor, fmt: FPFormat | IntFormat | str, dtype=None) -> 
             f"codes must be an unsigned integer array, got {_name(codes.dtype)}: use encode()"
         )
     idx = codes.to(torch.int32)
-    if codes.is_cuda:
+    if not _on_host(codes):
         idx = idx & (2**fmt.bits - 1)  # unchecked on CUDA (no sync): mask to the format's bits
     elif codes.numel() and (int(idx.min()) < 0 or int(idx.max()) >= 2**fmt.bits):
         raise ValueError(
             f"codes out of range for {fmt.name} ({fmt.bits} bits): max is {2**fmt.bits - 1}"
         )
-    table = _values_cached(fmt).to(device=codes.device, dtype=out_dtype)
-    return _lookup(table, idx, codes.shape)
+    return _lookup(_values_table(fmt, codes.device, out_dtype), idx, codes.shape)
 
 
 def quantize(
@@ -545,7 +562,7 @@ def pack(codes: torch.Tensor, bits: int = 4) -> torch.Tensor:
     if not _is_int(codes.dtype):
         raise ValueError(f"codes must be an integer array, got {_name(codes.dtype)}")
     c = codes.long()
-    if not c.is_cuda and c.numel() and (int(c.min()) < 0 or int(c.max()) >= 2**bits):
+    if _on_host(c) and c.numel() and (int(c.min()) < 0 or int(c.max()) >= 2**bits):
         raise ValueError(f"codes do not fit in {bits} bits: mask them or use a wider pack")
     c = torch.atleast_1d(c) & (2**bits - 1)
     n = c.shape[-1]
@@ -633,7 +650,7 @@ def _mx_element_codes(V: torch.Tensor, fmt: FPFormat, s: torch.Tensor) -> torch.
     s_elem = s[..., None].expand(V.shape).reshape(-1)
     use_lut = (
         V.dtype == torch.float32
-        and not V.is_cuda
+        and _on_host(V)
         and Vz.numel() >= _LUT_MIN_NUMEL
         and _fp32_lut_exact(fmt)
         and fmt.min_subnormal > 2.0**-125
@@ -694,12 +711,13 @@ def quantize_mx(x: torch.Tensor, fmt: FPFormat | str, block: int = 32) -> torch.
     codes = _mx_element_codes(V, fmt, s)
     if V.dtype != torch.float32:  # float64 / integer inputs: decode in float64, like decode_mx
         scale_codes = torch.where(has_nan, E8M0FNU.nan_code, s + 127).to(torch.uint8)
-        codes = codes.to(torch.uint8).reshape(V.shape[:-2] + (V.shape[-2] * block,))[..., :n]
+        codes = codes.to(_code_dtype(fmt))  # uint16 for element formats over 8 bits
+        codes = codes.reshape(V.shape[:-2] + (V.shape[-2] * block,))[..., :n]
         out = decode_mx(codes, scale_codes, fmt, block, dtype=torch.float64)
         return out.to(out_dtype).reshape(x.shape)
     # float32: value * 2^s is one correctly rounded product, the reference's float64 product
     # cast to float32; below 2^-126 it is far below fp16/bf16's smallest values too
-    table = _values_cached(fmt).to(torch.float32)
+    table = _values_table(fmt, V.device, torch.float32)
     values = _lookup(table, codes.to(torch.int32), V.shape) * _pow2_f32(s)[..., None]
     values = torch.where(has_nan[..., None], math.nan, values)
     values = values.reshape(V.shape[:-2] + (V.shape[-2] * block,))[..., :n]

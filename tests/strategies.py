@@ -150,3 +150,44 @@ def values_for(draw, fmt, shape=None, max_side: int = 67):
         default=np.where(rng.random(n) < 0.5, -0.0, 0.0),
     )
     return x.reshape(shape)
+
+
+# ---- oracles and special float32 inputs for the formats tests ------------------------------------
+
+
+def _ml_dtypes_by_format() -> dict:
+    import ml_dtypes
+
+    return {
+        "e5m2": ml_dtypes.float8_e5m2,
+        "e4m3fn": ml_dtypes.float8_e4m3fn,
+        "e3m2fn": ml_dtypes.float6_e3m2fn,
+        "e2m3fn": ml_dtypes.float6_e2m3fn,
+        "e2m1fn": ml_dtypes.float4_e2m1fn,
+        "e8m0fnu": ml_dtypes.float8_e8m0fnu,
+        "float16": np.float16,
+        "bfloat16": ml_dtypes.bfloat16,
+    }
+
+
+# Named format -> the ml_dtypes type with the same bits: ``x.astype(ML_DTYPES[name])`` is an
+# independent oracle for encode (saturate=False semantics) and its bits for the codes.
+ML_DTYPES = _ml_dtypes_by_format()
+
+
+def random_fp32(n: int, seed: int = 0) -> np.ndarray:
+    """float32 values of every class: normals over 60 decades, raw bit patterns (the first
+    eighth: subnormals, Inf, NaN with payloads), signed subnormals (the second eighth), small
+    integers times powers of two (ties of most formats, the third eighth), and +-0, +-Inf."""
+    rng = np.random.default_rng(seed)
+    x = (rng.standard_normal(n) * 10.0 ** rng.uniform(-30, 30, n)).astype(np.float32)
+    k = n // 8
+    x[:k] = rng.integers(0, 2**32, k, dtype=np.uint32).view(np.float32)
+    x[k : 2 * k] = rng.integers(0, 2**23, k, dtype=np.uint32).view(np.float32) * rng.choice(
+        [-1, 1], k
+    )
+    x[2 * k : 3 * k] = (rng.integers(-64, 64, k) * 2.0 ** rng.integers(-20, 10, k)).astype(
+        np.float32
+    )
+    x[3 * k : 3 * k + 4] = [0.0, -0.0, np.inf, -np.inf]
+    return x

@@ -24,6 +24,8 @@ import numpy as np
 import pytest
 from lowbit.reference import formats as F
 
+from tests.strategies import ML_DTYPES
+
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"
 
@@ -103,16 +105,6 @@ def _grid_values(label: str, fmt) -> dict[int, float]:
 
 
 FLOAT_ROWS = _float_rows()
-ML_DTYPES = {
-    "e5m2": ml_dtypes.float8_e5m2,
-    "e4m3fn": ml_dtypes.float8_e4m3fn,
-    "e3m2fn": ml_dtypes.float6_e3m2fn,
-    "e2m3fn": ml_dtypes.float6_e2m3fn,
-    "e2m1fn": ml_dtypes.float4_e2m1fn,
-    "e8m0fnu": ml_dtypes.float8_e8m0fnu,
-    "float16": np.float16,
-    "bfloat16": ml_dtypes.bfloat16,
-}
 # spec/methods.md 1.2: LLM-FP4 grids with bias 2^(E-1) - 1 (non-negative levels, and Qmax).
 LLM_FP4_SPEC = {
     "E2M1": ([0, 0.5, 1, 1.5, 2, 3, 4, 6], 6.0),

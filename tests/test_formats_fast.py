@@ -20,19 +20,10 @@ from lowbit.fast import formats as F
 from lowbit.reference import formats as R
 
 from tests.harness import to_numpy, to_torch
+from tests.strategies import ML_DTYPES, random_fp32
 
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered in cast:RuntimeWarning")
 
-ML_DTYPES = {
-    "e5m2": ml_dtypes.float8_e5m2,
-    "e4m3fn": ml_dtypes.float8_e4m3fn,
-    "e3m2fn": ml_dtypes.float6_e3m2fn,
-    "e2m3fn": ml_dtypes.float6_e2m3fn,
-    "e2m1fn": ml_dtypes.float4_e2m1fn,
-    "e8m0fnu": ml_dtypes.float8_e8m0fnu,
-    "float16": np.float16,
-    "bfloat16": ml_dtypes.bfloat16,
-}
 SOURCES = {"float16": (np.float16, torch.float16), "bfloat16": (ml_dtypes.bfloat16, torch.bfloat16)}
 
 
@@ -112,23 +103,6 @@ def test_e8m0_near_its_minimum_against_float64():
     a = np.linspace(2.0**-127, 2.0**-126, 101)[1:-1].astype(np.float32)
     expect = np.where(a.astype(np.float64) < 1.5 * 2.0**-127, 0, 1)
     np.testing.assert_array_equal(F.encode(torch.from_numpy(a), "e8m0fnu").numpy(), expect)
-
-
-def random_fp32(n: int, seed: int = 0) -> np.ndarray:
-    """Normal values across 60 decades, ties and raw bit patterns (subnormals, Inf, NaN)."""
-    rng = np.random.default_rng(seed)
-    x = rng.standard_normal(n) * 10.0 ** rng.uniform(-30, 30, n)
-    x = x.astype(np.float32)
-    k = n // 8
-    x[:k] = rng.integers(0, 2**32, k, dtype=np.uint32).view(np.float32)
-    x[k : 2 * k] = rng.integers(0, 2**23, k, dtype=np.uint32).view(np.float32) * rng.choice(
-        [-1, 1], k
-    )
-    x[2 * k : 3 * k] = (rng.integers(-64, 64, k) * 2.0 ** rng.integers(-20, 10, k)).astype(
-        np.float32
-    )
-    x[3 * k : 3 * k + 4] = [0.0, -0.0, np.inf, -np.inf]
-    return x
 
 
 @pytest.mark.parametrize("name", sorted(R.NAMED_FORMATS))
@@ -515,3 +489,108 @@ def test_fp16_negative_nan_keeps_its_sign_in_short_tensors():
         for fmt in ("e4m3fn", "e5m2", "e1m1fn_b0"):
             expect = R.encode(bits.view(np.float16), fmt, saturate=False)
             np.testing.assert_array_equal(F.encode(x, fmt, saturate=False).numpy(), expect)
+
+
+# ---- device placement: lookup tables live on the input's device, copied there once ----------------------
+
+# The torch path on a device other than the CPU: inputs that skip the kernel on CUDA (0-d MX
+# inputs, element formats over 8 bits, float64) and decode, which never has a kernel. Each case:
+# (fast call on a tensor, reference call on the same values).
+DEVICE_CASES = {
+    "decode": (
+        lambda t: F.decode(F.encode(t, "e4m3fn"), "e4m3fn"),
+        lambda x: R.decode(R.encode(x, "e4m3fn"), "e4m3fn"),
+    ),
+    "decode 16-bit codes to fp16": (
+        lambda t: F.decode(F.encode(t, F.FP16), F.FP16, dtype=torch.float16),
+        lambda x: R.decode(R.encode(x, R.FP16), R.FP16, dtype=np.float16),
+    ),
+    "quantize_mx 0-d": (
+        lambda t: F.quantize_mx(t[1, 3], "e2m1fn", 32),
+        lambda x: R.quantize_mx(x[1, 3], "e2m1fn", 32),
+    ),
+    "quantize_mx 16-bit elements": (
+        lambda t: F.quantize_mx(t, F.FP16, 32),
+        lambda x: R.quantize_mx(x, R.FP16, 32),
+    ),
+    "quantize_mx float64": (
+        lambda t: F.quantize_mx(t.double(), "e4m3fn", 8),
+        lambda x: R.quantize_mx(x.astype(np.float64), "e4m3fn", 8),
+    ),
+    "quantize_mx float64, 16-bit elements": (
+        lambda t: F.quantize_mx(t.double(), F.FP16, 8),
+        lambda x: R.quantize_mx(x.astype(np.float64), R.FP16, 8),
+    ),
+}
+
+
+def device_case_input() -> np.ndarray:
+    x = random_fp32(1 << 10, seed=13)
+    return x[np.isfinite(x)][:256].reshape(4, 64)
+
+
+@pytest.fixture
+def host_to_device_copies(monkeypatch):
+    """Records every ``Tensor.to`` that moves data from the host to another device."""
+    copies: list[tuple[torch.device, torch.device]] = []
+    real_to = torch.Tensor.to
+
+    def to(self, *args, **kwargs):
+        out = real_to(self, *args, **kwargs)
+        if self.device.type == "cpu" and out.device.type != "cpu":
+            copies.append((self.device, out.device))
+        return out
+
+    monkeypatch.setattr(torch.Tensor, "to", to)
+    return copies
+
+
+@pytest.mark.parametrize("case", sorted(DEVICE_CASES))
+def test_torch_path_device_cases_match_reference_on_cpu(case):
+    fast, ref = DEVICE_CASES[case]
+    x = device_case_input()
+    out, expect = fast(torch.from_numpy(x)), ref(x)
+    assert out.shape == expect.shape and to_numpy(out).dtype == expect.dtype
+    assert same_values(to_numpy(out), expect).all()
+
+
+@pytest.mark.parametrize("case", sorted(DEVICE_CASES))
+def test_torch_path_keeps_tables_on_the_input_device(case, host_to_device_copies):
+    """The meta device stands in for CUDA (no values, no host look, not the kernel): every
+    table must follow the input there, and after the first call none is copied again."""
+    fast, _ = DEVICE_CASES[case]
+    x = device_case_input()
+    on_cpu = fast(torch.from_numpy(x))
+    t = torch.from_numpy(x).to("meta")
+    fast(t)  # the first call may copy each table to the device once
+    host_to_device_copies.clear()
+    out = fast(t)
+    out_again = fast(t)
+    assert out.device.type == "meta" and out_again.device.type == "meta"
+    assert (out.shape, out.dtype) == (on_cpu.shape, on_cpu.dtype)
+    assert host_to_device_copies == [], f"host-to-device copies on a repeated call: {case}"
+
+
+@pytest.mark.gpu
+def test_gpu_torch_path_tables_are_cached_and_graph_capturable(host_to_device_copies):
+    x = device_case_input()
+    t = torch.from_numpy(x).cuda()
+    for case, (fast, ref) in sorted(DEVICE_CASES.items()):
+        fast(t)  # warm-up: tables copied to the GPU once
+        host_to_device_copies.clear()
+        out = fast(t)
+        assert host_to_device_copies == [], f"host-to-device copies on a repeated call: {case}"
+        assert out.is_cuda
+        assert same_values(out.cpu().numpy(), ref(x)).all(), case
+    # a CUDA graph captures the torch-path lookups after warm-up (a host copy would be illegal)
+    codes = F.encode(t, "e4m3fn")
+    F.decode(codes, "e4m3fn")
+    F.quantize_mx(t, F.FP16, 32)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        decoded = F.decode(codes, "e4m3fn")
+        mx16 = F.quantize_mx(t, F.FP16, 32)
+    graph.replay()
+    torch.cuda.synchronize()
+    assert same_values(decoded.cpu().numpy(), R.decode(R.encode(x, "e4m3fn"), "e4m3fn")).all()
+    assert same_values(mx16.cpu().numpy(), R.quantize_mx(x, R.FP16, 32)).all()

@@ -18,6 +18,7 @@ import torch
 from lowbit.reference import formats as R
 
 from tests.harness import to_numpy, to_torch
+from tests.strategies import random_fp32
 
 kf = pytest.importorskip("lowbit.kernels.formats")
 
@@ -41,22 +42,6 @@ def all_patterns(src: str) -> tuple[np.ndarray, torch.Tensor]:
     np_dtype, torch_dtype = SOURCES[src]
     bits = np.arange(2**16, dtype=np.uint16)
     return bits.view(np_dtype), torch.from_numpy(bits.view(np.int16).copy()).view(torch_dtype)
-
-
-def random_fp32(n: int, seed: int = 0) -> np.ndarray:
-    """Normal values over 60 decades, raw bit patterns (subnormals, Inf, NaN), ties."""
-    rng = np.random.default_rng(seed)
-    x = (rng.standard_normal(n) * 10.0 ** rng.uniform(-30, 30, n)).astype(np.float32)
-    k = n // 8
-    x[:k] = rng.integers(0, 2**32, k, dtype=np.uint32).view(np.float32)
-    x[k : 2 * k] = rng.integers(0, 2**23, k, dtype=np.uint32).view(np.float32) * rng.choice(
-        [-1, 1], k
-    )
-    x[2 * k : 3 * k] = (rng.integers(-64, 64, k) * 2.0 ** rng.integers(-20, 10, k)).astype(
-        np.float32
-    )
-    x[3 * k : 3 * k + 4] = [0.0, -0.0, np.inf, -np.inf]
-    return x
 
 
 # ---- exhaustive: every fp16 / bf16 pattern, every named format, both saturation modes ------------------

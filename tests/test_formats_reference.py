@@ -14,18 +14,8 @@ from hypothesis import given
 from hypothesis import strategies as st
 from lowbit.reference import formats as F
 
-from tests.strategies import fp_formats, int_formats, values_for
+from tests.strategies import ML_DTYPES, fp_formats, int_formats, values_for
 
-ML_DTYPES = {
-    "e5m2": ml_dtypes.float8_e5m2,
-    "e4m3fn": ml_dtypes.float8_e4m3fn,
-    "e3m2fn": ml_dtypes.float6_e3m2fn,
-    "e2m3fn": ml_dtypes.float6_e2m3fn,
-    "e2m1fn": ml_dtypes.float4_e2m1fn,
-    "e8m0fnu": ml_dtypes.float8_e8m0fnu,
-    "float16": np.float16,
-    "bfloat16": ml_dtypes.bfloat16,
-}
 SOURCES = {"float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
 
 
