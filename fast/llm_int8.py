@@ -12,7 +12,9 @@ paper, the equations and the choices). Differences that come from working precis
   quantization of ``w`` on every call. The input check for
   NaN/Inf needs a sync, so it runs on CPU tensors only.
 * On CPU the int8 product runs through ``torch._int_mm`` (oneDNN int8 GEMM, exact int32) and
-  the scaling in float64; the outlier columns are gathered (a sync is free on CPU).
+  the scaling in float64; the outlier columns are gathered (a sync is free on CPU). The torch
+  branch on CUDA (float64 input, or no Triton) masks the non-outlier columns instead and
+  multiplies with the whole weight: no ``nonzero``, no host sync.
 * ``matmul`` is differentiable (``torch.autograd.Function``) with the gradients of
   ``lowbit.reference.llm_int8.matmul_grad``.
 
@@ -150,6 +152,9 @@ def vectorwise_quant(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Row-wise absmax int8 with outlier detection; see the reference for the exact semantics.
 
+    Paper (arXiv:2208.07339) §3.1 vector-wise quantization and the outlier set O of §3.2;
+    spec methods.md §2.2 steps 1-3.
+
     Returns ``(codes int8 (..., cols), absmax float32 (...,), outlier_cols bool (cols,))``.
     """
     tau = _check_threshold(threshold)
@@ -161,9 +166,15 @@ def vectorwise_quant(
 
 
 def vectorwise_dequant(codes: torch.Tensor, absmax: torch.Tensor) -> torch.Tensor:
-    """(q · c) · float32(1/127) in float32, exactly as the reference and bitsandbytes."""
+    """(q · c) · float32(1/127) in float32, exactly as the reference and bitsandbytes.
+
+    Inverse of the §3.1 vector-wise quantization (arXiv:2208.07339); spec methods.md §2.2
+    step 5. ``codes`` int8 (..., cols), ``absmax`` (...,); returns float32 (..., cols).
+    """
     if codes.dtype != torch.int8:
         raise ValueError(f"codes must be int8 (from vectorwise_quant), got {codes.dtype}")
+    if codes.ndim < 1:
+        raise ValueError("codes must have at least one dimension (..., cols), got a scalar")
     if tuple(absmax.shape) != tuple(codes.shape[:-1]):
         raise ValueError(
             f"absmax has shape {tuple(absmax.shape)}, expected codes.shape[:-1] = {tuple(codes.shape[:-1])}"
@@ -191,7 +202,10 @@ def _int8_product(codes_x: torch.Tensor, codes_w: torch.Tensor) -> torch.Tensor:
 def int8_matmul(
     codes_x: torch.Tensor, absmax_x: torch.Tensor, codes_w: torch.Tensor, absmax_w: torch.Tensor
 ) -> torch.Tensor:
-    """Y = (X8 · W8^T)_int32 · c_x ⊗ c_w / 127², float32 (tokens, N)."""
+    """Y = (X8 · W8^T)_int32 · c_x ⊗ c_w / 127², float32 (tokens, N).
+
+    Paper (arXiv:2208.07339) §3.1 vector-wise product; spec methods.md §2.2 steps 5-6.
+    """
     if codes_x.dtype != torch.int8 or codes_w.dtype != torch.int8:
         raise ValueError(f"codes must be int8, got {codes_x.dtype} and {codes_w.dtype}")
     if codes_x.ndim != 2 or codes_w.ndim != 2 or codes_x.shape[1] != codes_w.shape[1]:
@@ -257,6 +271,36 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
+def _gather_outliers(t: torch.Tensor) -> bool:
+    """Compact the outlier columns with ``nonzero`` only on CPU, where a host sync is free."""
+    return t.device.type == "cpu"
+
+
+def _outlier_product(
+    X: torch.Tensor,
+    O: torch.Tensor,
+    W8: torch.Tensor,
+    c_w: torch.Tensor,
+    w_full: torch.Tensor | None,
+    acc: torch.dtype,
+) -> torch.Tensor:
+    """X[:, O] · W_O^T in ``acc`` (tokens, N): the 16-bit part of the decomposition (§3.2).
+
+    On CPU the outlier columns are gathered (few columns, cheap). Elsewhere (CUDA without
+    Triton, or float64 input) the non-outlier columns of X are masked to 0 and multiplied
+    with the whole weight: static shapes, no ``nonzero`` sync, so CUDA graphs can capture it.
+    """
+    if _gather_outliers(X):
+        idx = O.nonzero().flatten()
+        X_O = X[:, idx].to(acc)  # (tokens, |O|)
+        W8 = W8[:, idx].contiguous()
+        w_full = w_full[:, idx] if w_full is not None else None
+    else:
+        X_O = X.to(acc).masked_fill(~O[None, :], 0.0)  # (tokens, K), zero off the outliers
+    W_O = w_full if w_full is not None else vectorwise_dequant(W8, c_w)  # (N, |O| or K)
+    return X_O @ W_O.to(acc).T
+
+
 def _linear_forward(
     X: torch.Tensor,
     W8: torch.Tensor,
@@ -294,14 +338,7 @@ def _linear_forward(
     X8, c_x, O = _quant_rows_torch(X.float(), tau)
     Y = _scaled_int8_product(X8, c_x, W8, c_w, acc)
     if tau > 0:
-        # CPU: gathering the outlier columns is cheap (no device to synchronise with).
-        idx = O.nonzero().flatten()
-        if idx.numel():
-            if w_full is not None:
-                W_O = w_full[:, idx].to(acc)
-            else:
-                W_O = vectorwise_dequant(W8[:, idx].contiguous(), c_w).to(acc)
-            Y = Y + X[:, idx].to(acc) @ W_O.T
+        Y = Y + _outlier_product(X, O, W8, c_w, w_full, acc)
     if bias is not None:
         Y = Y + bias.to(acc)
     return Y.to(X.dtype), O
@@ -404,6 +441,9 @@ def matmul(
 ) -> torch.Tensor:
     """LLM.int8() Y = X W^T + b with outlier decomposition; returns x's dtype (..., N).
 
+    Paper (arXiv:2208.07339) §3.2 mixed-precision decomposition over the §3.1 vector-wise int8
+    product; spec methods.md §2.2 steps 1-5 (backward: the "Backward" paragraph there).
+
     ``outlier_weights``: "full" (paper) or "dequantized" (bitsandbytes, has_fp16_weights=False).
     Differentiable in x, w and bias (gradients of ``reference.llm_int8.matmul_grad``).
     """
@@ -418,7 +458,11 @@ def outlier_features(
     min_layer_frac: float = 0.25,
     min_token_frac: float = 0.06,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """The paper's systematic outlier features; returns (dims, magnitude, layer_frac, token_frac)."""
+    """The paper's systematic outlier features; returns (dims, magnitude, layer_frac, token_frac).
+
+    Paper (arXiv:2208.07339) §4 criteria (magnitude ≥ 6, ≥ 25 % of layers, ≥ 6 % of sequence
+    positions); spec methods.md §2.3.
+    """
     if not (0 <= min_layer_frac <= 1 and 0 <= min_token_frac <= 1):
         raise ValueError(
             f"min_layer_frac and min_token_frac must lie in [0, 1], got {min_layer_frac}, {min_token_frac}"

@@ -8,13 +8,13 @@ Official code: bitsandbytes (``bitsandbytes.functional.int8_vectorwise_quant``,
 Equations implemented (section numbers of the arXiv version; the equation numbers could not be
 re-checked offline, so each is named by its content):
 
-* Section 2.1, Eq. (1): absmax quantization X_i8 = round(127 / max|X| · X).
+* Section 2.1: absmax quantization X_i8 = round(127 / max|X| · X).
 * Section 3.1, vector-wise quantization: Y_ij ≈ S_ij · c_x,i · c_w,j / 127² with S = X8 · W8^T
   accumulated exactly in int32, one absmax per row of X and one per output feature of W.
 * Section 3.2, mixed-precision decomposition:
   Y = Σ_{h∈O} X_h W_h^T (16-bit)  +  (c_x ⊗ c_w / 127²) · Σ_{h∉O} X8_h W8_h^T (int8),
   with O = {h : some |X_ih| ≥ τ} found from the input itself (no calibration), τ = 6.0.
-* Section 4.1, outlier-feature criteria: magnitude ≥ 6, in ≥ 25 % of layers, in ≥ 6 % of the
+* Section 4, outlier-feature criteria: magnitude ≥ 6, in ≥ 25 % of layers, in ≥ 6 % of the
   sequence positions.
 
 Public functions:
@@ -202,6 +202,9 @@ def vectorwise_quant(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Row-wise (vector-wise) absmax int8 quantization with outlier detection.
 
+    Paper (arXiv:2208.07339) §3.1 vector-wise quantization, one absmax c_x,i per row, and the
+    outlier set O of §3.2 (mixed-precision decomposition); spec methods.md §2.2 steps 1-3.
+
     ``x``: (..., cols) float array; rows are all leading dimensions. ``threshold`` τ > 0 marks
     every element with |x| ≥ τ as an outlier: it is excluded from its row's absmax, and its
     whole column is zeroed in the codes (that column goes to the full-precision product).
@@ -224,12 +227,17 @@ def vectorwise_quant(
 def vectorwise_dequant(codes: np.ndarray, absmax: np.ndarray) -> np.ndarray:
     """x ≈ q · c / 127, in float32 as bitsandbytes computes it: (q · c) · float32(1/127).
 
+    Inverse of the §3.1 vector-wise quantization (arXiv:2208.07339); spec methods.md §2.2 step 5
+    (dequantized int8 weight columns) and the ``int8_vectorwise_dequant`` row of §2.1.
+
     ``codes``: int8 (..., cols); ``absmax``: float32 (...,). Returns float32 (..., cols).
     """
     codes = np.asarray(codes)
     absmax = np.asarray(absmax, dtype=np.float32)
     if codes.dtype != np.int8:
         raise ValueError(f"codes must be int8 (from vectorwise_quant), got {codes.dtype}")
+    if codes.ndim < 1:
+        raise ValueError("codes must have at least one dimension (..., cols), got a scalar")
     if absmax.shape != codes.shape[:-1]:
         raise ValueError(
             f"absmax has shape {absmax.shape}, expected codes.shape[:-1] = {codes.shape[:-1]}"
@@ -242,6 +250,10 @@ def int8_matmul(
     codes_x: np.ndarray, absmax_x: np.ndarray, codes_w: np.ndarray, absmax_w: np.ndarray
 ) -> np.ndarray:
     """Vector-wise product: Y_ij = (Σ_k X8_ik W8_jk) · c_x,i · c_w,j / 127², exact accumulation.
+
+    Paper (arXiv:2208.07339) §3.1: the int32 product of the row-quantized X and the
+    output-feature-quantized W, denormalized by the outer product of the two absmax vectors;
+    spec methods.md §2.2 steps 5-6 (the 1/127² constant).
 
     ``codes_x``: int8 (tokens, K); ``absmax_x``: (tokens,); ``codes_w``: int8 (N, K) (nn.Linear
     layout); ``absmax_w``: (N,). Returns float64 (tokens, N). K must keep the int32
@@ -297,6 +309,9 @@ def matmul(
 ) -> np.ndarray:
     """LLM.int8() Y = X W^T + b with the mixed-precision decomposition; float64 result.
 
+    Paper (arXiv:2208.07339) §3.2: Y = X[:, O] W[:, O]^T in 16 bit + the §3.1 vector-wise int8
+    product of the other columns; spec methods.md §2.2 steps 1-5.
+
     ``x``: (..., K); ``w``: (N, K); ``bias``: (N,) or None. ``threshold`` τ (0 = no
     decomposition, pure vector-wise int8). ``outlier_weights``: "full" (paper: outlier columns
     times the full-precision weight columns) or "dequantized" (bitsandbytes with
@@ -337,6 +352,10 @@ def matmul_grad(
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """Gradients of ``matmul`` for training with int8 weights; float64 (grad_x, grad_w, grad_bias).
 
+    The paper (arXiv:2208.07339) covers inference only (§3.1-3.2); this follows the backward of
+    bitsandbytes' ``MatMul8bitLt`` as the spec describes it (methods.md §2.2, "Backward"), with
+    the consistent column-wise pairing for grad_w that the spec recommends.
+
     * grad_x = G · dequant(W8): through the int8 weights actually used (bitsandbytes: fp16 matmul).
     * grad_w = int8 product of column-wise quantized G (one scale per output feature) and
       column-wise quantized X (one scale per input feature; outlier columns zeroed), scaled by
@@ -348,12 +367,12 @@ def matmul_grad(
     _check_matmul_args(x, w, bias, outlier_weights)
     x, w = np.asarray(x), np.asarray(w)
     K, N = x.shape[-1], w.shape[0]
+    if np.shape(grad_output) != x.shape[:-1] + (N,):
+        raise ValueError(
+            f"grad_output has shape {np.shape(grad_output)}, expected x.shape[:-1] + (N,) = {x.shape[:-1] + (N,)}"
+        )
     X = x.reshape(_rows(x.shape), K)  # (tokens, K)
     G = np.asarray(grad_output, dtype=np.float64).reshape(_rows(x.shape), N)  # (tokens, N)
-    if G.shape[0] != X.shape[0]:
-        raise ValueError(
-            f"grad_output has shape {np.shape(grad_output)}, expected (..., {N}) matching x"
-        )
     # grad_x through the dequantized int8 weights.
     W8, c_w, _ = vectorwise_quant(w, 0.0)  # (N, K), (N,)
     W_dq = vectorwise_dequant(W8, c_w).astype(np.float64)  # (N, K)
@@ -376,7 +395,10 @@ def outlier_features(
     min_layer_frac: float = 0.25,
     min_token_frac: float = 0.06,
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """The paper's systematic outlier features (Section 4.1) in per-layer hidden states.
+    """The paper's systematic outlier features in per-layer hidden states.
+
+    Paper (arXiv:2208.07339) §4 criteria: magnitude ≥ 6, in ≥ 25 % of the layers, at ≥ 6 % of
+    the sequence positions; spec methods.md §2.3 (analysis criteria only, not in bitsandbytes).
 
     ``hidden_states``: (layers, tokens, d) (a list of (tokens, d) arrays is stacked); padding
     tokens must be removed by the caller. A feature dimension h is an outlier feature when

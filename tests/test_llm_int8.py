@@ -13,24 +13,10 @@ from lowbit.fast import llm_int8 as F
 from lowbit.reference import llm_int8 as R
 
 from tests.harness import assert_matches_reference, to_torch
-from tests.pairs import PAIRS
-from tests.strategies import float_arrays, numpy_dtype
-from tests.tolerances import EXACT, MATMUL
+from tests.pairs import PAIRS, llm_int8_matmul_calls, llm_int8_naive_matmul, llm_int8_x_arrays
+from tests.tolerances import EXACT, FP32, MATMUL
 
 DTYPES = ["float16", "bfloat16", "float32"]
-
-
-def _x(dtypes=DTYPES, max_rows=65, max_cols=70):
-    return st.tuples(st.sampled_from(dtypes), st.sampled_from([None, 2.0])).flatmap(
-        lambda ds: float_arrays(
-            dtype=numpy_dtype(ds[0]),
-            scale=ds[1],
-            outlier_cols=True,
-            zero_rows=True,
-            max_rows=max_rows,
-            max_cols=max_cols,
-        )
-    )
 
 
 # ---------------------------------------------------------------------------------------------
@@ -108,6 +94,17 @@ def test_bad_input_raises_one_line_value_error(impl):
         impl.matmul(T(x), T(np.ones((4, 3), np.float32)), outlier_weights="fp16")
     with pytest.raises(ValueError, match="int8"):
         impl.vectorwise_dequant(T(np.ones((2, 3), np.int32)), T(np.ones(2, np.float32)))
+    with pytest.raises(ValueError, match="at least one dimension"):  # 0-d codes: no column axis
+        impl.vectorwise_dequant(T(np.array(5, np.int8)), T(np.array(1.0, np.float32)))
+
+
+def test_matmul_grad_checks_grad_output_shape_before_reshaping():
+    x, w = np.ones((2, 3, 4), np.float32), np.ones((5, 4), np.float32)
+    # 30 elements reshape to (6, 5) but are not (2, 3, 5); 7 elements do not reshape at all.
+    for bad in (np.ones((3, 2, 5)), np.ones((6, 5)), np.ones(7)):
+        with pytest.raises(ValueError, match=r"grad_output has shape .* expected"):
+            R.matmul_grad(x, w, grad_output=bad)
+    assert R.matmul_grad(x, w, grad_output=np.ones((2, 3, 5)))[0].shape == x.shape
 
 
 # ---------------------------------------------------------------------------------------------
@@ -117,7 +114,9 @@ def test_bad_input_raises_one_line_value_error(impl):
 bnb_functional = pytest.importorskip("bitsandbytes.functional")
 
 
-@given(x=_x(DTYPES + ["float64"], 129, 129), threshold=st.sampled_from([0.0, 6.0, 2.5]))
+@given(
+    x=llm_int8_x_arrays(DTYPES + ["float64"], 129, 129), threshold=st.sampled_from([0.0, 6.0, 2.5])
+)
 def test_vectorwise_quant_matches_bitsandbytes_cpu(x, threshold):
     codes, absmax, cols = R.vectorwise_quant(x, threshold)
     # bitsandbytes' CPU backend computes in the tensor's dtype; the reference (like its CUDA
@@ -152,7 +151,10 @@ def test_bitsandbytes_fp16_arithmetic_differs_by_at_most_one_code():
     assert diff.max() <= 1
 
 
-@given(x=_x(["float16", "float32"], 129, 129), threshold=st.sampled_from([0.0, 6.0, 1.0]))
+@given(
+    x=llm_int8_x_arrays(["float16", "float32"], 129, 129),
+    threshold=st.sampled_from([0.0, 6.0, 1.0]),
+)
 def test_numpy_and_numba_row_quantization_agree_bit_for_bit(x, threshold):
     X = np.asarray(x).astype(np.float32)
     tau = np.float32(threshold)
@@ -209,18 +211,9 @@ def test_decomposition_recovers_planted_outliers():
     )
 
 
-@st.composite
-def _matmul_calls(draw, dtypes=DTYPES):
-    x = draw(_x(dtypes, 40, 70))
-    n = draw(st.integers(1, 40))
-    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
-    w = (rng.standard_normal((n, x.shape[-1])) * 0.1).astype(x.dtype)
-    bias = (rng.standard_normal(n)).astype(x.dtype) if draw(st.booleans()) else None
-    kwargs = {
-        "threshold": draw(st.sampled_from([0.0, 6.0, 3.5])),
-        "outlier_weights": draw(st.sampled_from(["full", "dequantized"])),
-    }
-    return x, w, bias, kwargs
+def _matmul_calls(dtypes=DTYPES):
+    """(x, w, bias, kwargs) from the pair's strategy (tests/pairs.py)."""
+    return llm_int8_matmul_calls(dtypes).map(lambda c: (*c.args, c.kwargs))
 
 
 @given(call=_matmul_calls())
@@ -229,6 +222,49 @@ def test_fast_matmul_matches_reference_in_fp16_bf16_fp32(call):
     assert_matches_reference(
         "llm_int8.matmul", x, w, bias, tier=MATMUL, naive=PAIRS["llm_int8.matmul"].naive, **kwargs
     )
+
+
+def test_matmul_pair_naive_is_the_plain_torch_one():
+    assert PAIRS["llm_int8.matmul"].naive is llm_int8_naive_matmul
+
+
+@settings(max_examples=20)
+@given(call=_matmul_calls(["float64"]))
+def test_fast_gradients_match_reference_float64(call):
+    # float64 input: the fast gradients are float64 computations of the same formulas, equal to
+    # matmul_grad at float32 precision element by element (codes are recomputed bit-exactly).
+    x, w, bias, kwargs = call
+
+    def grad(*args, grad_output, **kw):
+        return R.matmul_grad(*args, grad_output=grad_output, **kw)[:2]
+
+    assert_matches_reference(
+        "llm_int8.matmul",
+        x,
+        w,
+        bias,
+        tier=MATMUL,
+        naive=llm_int8_naive_matmul,
+        grad=grad,
+        grad_argnums=(0, 1),
+        grad_tier=FP32,
+        **kwargs,
+    )
+
+
+def _naive_grads(x, w, g, threshold):
+    """matmul_grad's formulas in plain float32 torch (codes from the reference quantizer)."""
+    G = torch.from_numpy(np.asarray(g, np.float32))
+    Wdq = torch.from_numpy(R.vectorwise_dequant(*R.vectorwise_quant(w)[:2]))
+    naive_gx = G @ Wdq
+    _, _, O = R.vectorwise_quant(x, threshold)
+    X = torch.from_numpy(np.asarray(x, np.float32))
+    gq, gs, _ = R.vectorwise_quant(G.numpy().T.copy())
+    xq, xs, _ = R.vectorwise_quant(np.where(O[None, :], 0, X.numpy()).T.copy())
+    naive_gw = (torch.from_numpy(gq).float() @ torch.from_numpy(xq).float().T) * (
+        torch.from_numpy(gs)[:, None] * torch.from_numpy(xs)[None, :]
+    ) / 16129.0 + G.T @ X.masked_fill(~torch.from_numpy(O)[None, :], 0)
+    return naive_gx, naive_gw
 
 
 @settings(max_examples=20)
@@ -243,18 +279,8 @@ def test_fast_gradients_match_reference_float32(call):
         y, [xt, wt] + ([bt] if bt is not None else []), torch.from_numpy(g).float()
     )
     ref = R.matmul_grad(x, w, bias, **kwargs, grad_output=g)
-    # Naive: the same formulas in plain float32 torch (independent code path).
+    naive_gx, naive_gw = _naive_grads(x, w, g.astype(np.float32), kwargs["threshold"])
     G = torch.from_numpy(g).float()
-    Wdq = torch.from_numpy(R.vectorwise_dequant(*R.vectorwise_quant(w)[:2]))
-    naive_gx = G @ Wdq
-    _, _, O = R.vectorwise_quant(x, kwargs["threshold"])
-    Ot = torch.from_numpy(O)
-    X = torch.from_numpy(x)
-    gq, gs, _ = R.vectorwise_quant(g.T.astype(np.float32))
-    xq, xs, _ = R.vectorwise_quant(np.where(O[None, :], 0, x).T.copy())
-    naive_gw = (torch.from_numpy(gq).float() @ torch.from_numpy(xq).float().T) * (
-        torch.from_numpy(gs)[:, None] * torch.from_numpy(xs)[None, :]
-    ) / 16129.0 + G.T @ X.masked_fill(~Ot[None, :], 0)
     for fast_g, ref_g, naive_g in zip(grads, ref, (naive_gx, naive_gw, G.sum(0))):
         bad = MATMUL.check_with_naive(fast_g.numpy(), ref_g, naive_g.numpy())
         assert not bad.any(), f"{int(bad.sum())} gradient elements outside tier B"
@@ -306,7 +332,7 @@ def _kernels():
 
 @pytest.mark.interpret
 @settings(max_examples=12)
-@given(x=_x(DTYPES, 9, 70), threshold=st.sampled_from([0.0, 6.0, 2.0]))
+@given(x=llm_int8_x_arrays(DTYPES, 9, 70), threshold=st.sampled_from([0.0, 6.0, 2.0]))
 def test_rowwise_quant_kernel_bit_exact(x, threshold):
     K = _kernels()
     codes, absmax, flags = K.rowwise_quant(to_torch(x), threshold, block_k=32)
@@ -414,7 +440,7 @@ def test_linear8bitlt_forward_is_cuda_graph_capturable():
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
 def test_fast_kernel_path_glue_under_interpreter(monkeypatch, threshold, dtype):
     """The CUDA branch of lowbit.fast (kernels + glue) run on CPU tensors through the interpreter:
-    codes/scales/masks bit-exact, products tier B, gradients equal to the torch branch's."""
+    codes/scales/masks bit-exact; products and gradients tier B against the reference."""
     _kernels()
     from lowbit.fast.nn import Linear8bitLt
 
@@ -429,43 +455,110 @@ def test_fast_kernel_path_glue_under_interpreter(monkeypatch, threshold, dtype):
         lin.weight.copy_(wt)
         lin.bias.copy_(bt)
     mod = Linear8bitLt.from_linear(lin, threshold=threshold)
-    cpu = {
-        "quant": F.vectorwise_quant(xt, threshold),
-        "mod": mod(xt),
-        "int8": F.int8_matmul(*F.vectorwise_quant(xt[0])[:2], *F.vectorwise_quant(wt)[:2]),
-    }
+    cpu_quant = F.vectorwise_quant(xt, threshold)
     monkeypatch.setattr(F, "_on_triton_device", lambda t: True)
-    for got, want in zip(F.vectorwise_quant(xt, threshold), cpu["quant"]):
+    for got, want in zip(F.vectorwise_quant(xt, threshold), cpu_quant):
         assert torch.equal(got, want)
+    # Products: tier B against the float64 reference, with the plain-torch naive of the pair.
     xr, wr, br = (t.float().numpy() for t in (xt, wt, bt))
-    naive_fn = PAIRS["llm_int8.matmul"].naive
     for variant in ("full", "dequantized"):
         y = F.matmul(xt, wt, bt, threshold, variant)
         ref = R.matmul(xr, wr, br, threshold, variant)
-        naive = naive_fn(xt, wt, bt, threshold=threshold, outlier_weights=variant)
+        naive = llm_int8_naive_matmul(xt, wt, bt, threshold=threshold, outlier_weights=variant)
         assert not MATMUL.check_with_naive(y.float().numpy(), ref, naive.float().numpy()).any()
-    y_mod = mod(xt)
+    y_mod = mod(xt)  # Linear8bitLt keeps int8 weights only: bitsandbytes' dequantized outliers
     ref = R.matmul(xr, wr, br, threshold, "dequantized")
-    assert not MATMUL.check_with_naive(y_mod.float().numpy(), ref, cpu["mod"].float().numpy()).any()
-    y8 = F.int8_matmul(*F.vectorwise_quant(xt[0])[:2], *F.vectorwise_quant(wt)[:2])
-    torch.testing.assert_close(y8, cpu["int8"], rtol=2**-20, atol=0)
-    # Gradients through the kernel path, tier B against the reference with the torch branch's
-    # gradients (computed before the patch) as the same-precision naive result.
-    monkeypatch.undo()
+    naive = llm_int8_naive_matmul(xt, wt, bt, threshold=threshold, outlier_weights="dequantized")
+    assert not MATMUL.check_with_naive(y_mod.float().numpy(), ref, naive.float().numpy()).any()
+    int8_args = (*F.vectorwise_quant(xt[0])[:2], *F.vectorwise_quant(wt)[:2])
+    y8 = F.int8_matmul(*int8_args)
+    ref8 = R.int8_matmul(*(a.numpy() for a in int8_args))
+    naive8 = PAIRS["llm_int8.int8_matmul"].naive(*int8_args)
+    assert not MATMUL.check_with_naive(y8.numpy(), ref8, naive8.numpy()).any()
+    # Gradients through the kernel path: tier B against matmul_grad with the plain-torch
+    # formulas (rounded to x's dtype, like the fast gradients) as the naive result.
     g = torch.from_numpy(rng.standard_normal((2, 9, 24)).astype(np.float32)).to(dtype)
-
-    def grads():
-        xg, wg = xt.clone().requires_grad_(), wt.clone().requires_grad_()
-        return torch.autograd.grad(F.matmul(xg, wg, None, threshold), [xg, wg], g)
-
-    torch_grads = grads()
-    monkeypatch.setattr(F, "_on_triton_device", lambda t: True)
-    kernel_grads = grads()
+    xg, wg = xt.clone().requires_grad_(), wt.clone().requires_grad_()
+    kernel_grads = torch.autograd.grad(F.matmul(xg, wg, None, threshold), [xg, wg], g)
     ref_grads = R.matmul_grad(xr, wr, None, threshold, grad_output=g.double().numpy())[:2]
-    for fast_g, ref_g, naive_g in zip(kernel_grads, ref_grads, torch_grads):
+    X2, G2 = xr.reshape(-1, 40), g.float().numpy().reshape(-1, 24)
+    naive_gx, naive_gw = _naive_grads(X2, wr, G2, threshold)
+    naive_grads = (naive_gx.to(dtype).reshape(xt.shape), naive_gw.to(dtype))
+    for fast_g, ref_g, naive_g in zip(kernel_grads, ref_grads, naive_grads):
         assert not MATMUL.check_with_naive(
             fast_g.float().numpy(), ref_g, naive_g.float().numpy()
         ).any()
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+def test_torch_fallback_off_cpu_is_sync_free(monkeypatch, dtype):
+    """The torch branch on a non-CPU device (CUDA without Triton, or float64 on CUDA) must not
+    compact the outlier columns with nonzero (a host sync); emulated on CPU by making the
+    device check say "not CPU" and nonzero raise."""
+    from lowbit.fast.nn import Linear8bitLt
+
+    assert F._gather_outliers(torch.zeros(1)) and not F._gather_outliers(
+        torch.zeros(1, device="meta")
+    )
+    rng = np.random.default_rng(7)
+    x = (rng.standard_normal((2, 7, 30)) * 2).astype(np.float32)
+    x[..., [4, 17]] *= 8  # outlier columns
+    w = (rng.standard_normal((11, 30)) * 0.1).astype(np.float32)
+    b = rng.standard_normal(11).astype(np.float32)
+    xt, wt, bt = (torch.from_numpy(a).to(dtype) for a in (x, w, b))
+    lin = torch.nn.Linear(30, 11).to(dtype)
+    with torch.no_grad():
+        lin.weight.copy_(wt)
+        lin.bias.copy_(bt)
+    mod = Linear8bitLt.from_linear(lin, threshold=6.0)
+
+    def no_sync(*args, **kwargs):
+        raise AssertionError("nonzero() called on the sync-free path")
+
+    monkeypatch.setattr(F, "_gather_outliers", lambda t: False)
+    monkeypatch.setattr(torch.Tensor, "nonzero", no_sync)
+    monkeypatch.setattr(torch, "nonzero", no_sync)
+    xr, wr, br = (t.numpy() for t in (xt, wt, bt))
+    for variant in ("full", "dequantized"):
+        y = F.matmul(xt, wt, bt, 6.0, variant)
+        ref = R.matmul(xr, wr, br, 6.0, variant)
+        naive = llm_int8_naive_matmul(xt, wt, bt, threshold=6.0, outlier_weights=variant)
+        assert not MATMUL.check_with_naive(y.numpy(), ref, naive.numpy()).any()
+    with torch.no_grad():
+        y_mod = mod(xt)
+    ref = R.matmul(xr, wr, br, 6.0, "dequantized")
+    naive = llm_int8_naive_matmul(xt, wt, bt, threshold=6.0, outlier_weights="dequantized")
+    assert not MATMUL.check_with_naive(y_mod.numpy(), ref, naive.numpy()).any()
+
+
+@pytest.mark.gpu
+def test_float64_linear_on_cuda_does_not_sync():
+    # float64 on CUDA runs the torch branch (the kernels take 16/32-bit floats).
+    from lowbit.fast.nn import Linear8bitLt
+
+    lin = torch.nn.Linear(64, 32).cuda().double()
+    mod = Linear8bitLt.from_linear(lin, threshold=6.0)
+    x = torch.randn(16, 64, device="cuda", dtype=torch.float64)
+    x[:, 5] *= 30
+    with torch.no_grad():
+        mod(x)  # warm-up outside the check
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            y = mod(x)
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+    ref = R.matmul(
+        x.cpu().numpy(),
+        lin.weight.detach().cpu().numpy(),
+        lin.bias.detach().cpu().numpy(),
+        6.0,
+        "dequantized",
+    )
+    naive = llm_int8_naive_matmul(
+        x, lin.weight.detach(), lin.bias.detach(), outlier_weights="dequantized"
+    )
+    assert not MATMUL.check_with_naive(y.cpu().numpy(), ref, naive.cpu().numpy()).any()
 
 
 @pytest.mark.parametrize(
