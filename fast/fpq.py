@@ -16,6 +16,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
+import numpy as np
 import torch
 from lowbit.kernels import on_triton_device
 from lowbit.reference.formats import FPFormat
@@ -23,8 +24,13 @@ from lowbit.reference.fpq import (
     _BIAS_LIMIT,
     MAXVAL_FLOOR,
     FPQSearchResult,
+    _candidates,
+    _check_bias_shape,
     _check_format,
+    _check_layer_bias,
     _check_search_args,
+    _per_output_channel,
+    _qmax0,
     default_formats,
 )
 
@@ -65,12 +71,9 @@ def _bias_scales(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return scale, scale_inv
 
 
-def _qmax0(fmt: FPFormat) -> float:
-    return (2.0 - 2.0**-fmt.mbits) * 2.0 ** (2**fmt.ebits - 1)
-
-
 def max_from_bias(bias: Any, fmt: FPFormat) -> torch.Tensor:
-    """Eq. 3: Qmax(b) = (2 - 2^-M) 2^(2^E - 1 - b) as the quantizer realises it (float64)."""
+    """Paper section 3 (FP quantization process, spec 1.2): the clip max
+    Qmax(b) = (2 - 2^-M) 2^(2^E - 1 - b) as the quantizer realises it (float64)."""
     fmt = _check_format(fmt)
     device = bias.device if isinstance(bias, torch.Tensor) else torch.device("cpu")
     _, scale_inv = _bias_scales(_bias_tensor(bias, device))
@@ -78,10 +81,12 @@ def max_from_bias(bias: Any, fmt: FPFormat) -> torch.Tensor:
 
 
 def bias_from_max(maxval: Any, fmt: FPFormat) -> torch.Tensor:
-    """b = 2^E - 1 - log2(Qmax / (2 - 2^-M)); maxval floored at MAXVAL_FLOOR (zero rows)."""
+    """Inverse of section 3's clip max (the min-max initialisation of paper section 4.1, spec
+    1.2): b = 2^E - 1 - log2(Qmax / (2 - 2^-M)); maxval floored at MAXVAL_FLOOR (zero rows)."""
     fmt = _check_format(fmt)
     m = torch.as_tensor(maxval, dtype=torch.float64)
-    if m.device.type == "cpu" and not bool(torch.isfinite(m).all()):
+    # calibration time, not a forward path: the one host sync of this check is fine on CUDA too
+    if not bool(torch.isfinite(m).all()):
         raise ValueError("maxval must be finite: remove NaN/Inf from the calibration data")
     m = m.abs().clamp_min(MAXVAL_FLOOR)
     return (2**fmt.ebits - 1) - torch.log2(m / (2.0 - 2.0**-fmt.mbits))
@@ -117,7 +122,8 @@ def _round_scaled(
 
 
 def quantize(x: torch.Tensor, fmt: FPFormat, bias: Any = None) -> torch.Tensor:
-    """Fake-quantize ``x`` to ``fmt`` with real exponent bias ``bias`` (see the reference).
+    """Fake-quantize ``x`` to ``fmt`` with real exponent bias ``bias``: clip, binade, step, round
+    of paper section 3 (FP quantization process; spec 1.2; see the reference).
 
     On CUDA 2-D tensors with a scalar, per-row ``(M, 1)`` or per-column ``(K,)`` bias this is one
     Triton kernel pass; everything else runs the float64 torch path.
@@ -125,6 +131,7 @@ def quantize(x: torch.Tensor, fmt: FPFormat, bias: Any = None) -> torch.Tensor:
     fmt = _check_format(fmt)
     _check_float(x)
     b = _bias_tensor(fmt.bias if bias is None else bias, x.device)
+    _check_bias_shape(tuple(b.shape), tuple(x.shape))
     if on_triton_device(x) and x.dtype in (torch.float32, torch.float16, torch.bfloat16):
         from lowbit.kernels import fpq as kfpq
 
@@ -139,14 +146,17 @@ def quantize(x: torch.Tensor, fmt: FPFormat, bias: Any = None) -> torch.Tensor:
 
 
 def encode(x: torch.Tensor, fmt: FPFormat, bias: Any = None) -> torch.Tensor:
-    """FP codes (uint8 up to 8 bits, else int32 holding uint16 values) of quantize(x, fmt, bias)."""
+    """FP codes (uint8 up to 8 bits, else uint16) of quantize(x, fmt, bias): the FP variable of
+    paper section 3 (formulation of FP variables; see the reference)."""
     fmt = _check_format(fmt)
     _check_float(x)
-    if x.device.type == "cpu" and bool(torch.isnan(x).any()):
+    # encoding is a calibration/conversion step, not a forward path: check on every device
+    if bool(torch.isnan(x).any()):
         raise ValueError(
             f"{int(torch.isnan(x).sum())} NaN value(s) cannot be encoded: LLM-FP4 formats have no NaN code"
         )
     b = _bias_tensor(fmt.bias if bias is None else bias, x.device)
+    _check_bias_shape(tuple(b.shape), tuple(x.shape))
     q, _ = _round_scaled(x, fmt, b)
     M = fmt.mbits
     # q lies on the bias-0 grid (<= 8 significant bits, |q| < 2^128): exact in float32, whose
@@ -161,12 +171,15 @@ def encode(x: torch.Tensor, fmt: FPFormat, bias: Any = None) -> torch.Tensor:
         (a * 2.0 ** (M - 1)).int(),  # subnormal: a = d 2^(1 - M), field 0
     )
     code = magnitude | ((bits >> 31) & 1) << (fmt.ebits + M)
-    # torch has no uint16 arithmetic on every backend: codes above 8 bits travel as int32.
-    return code.to(torch.uint8 if fmt.bits <= 8 else torch.int32)
+    # the arithmetic ran in int32 (uint16 has few kernels); the codes are stored like the
+    # reference's (DESIGN section 2): uint8 up to 8 bits, else uint16
+    return code.to(torch.uint8 if fmt.bits <= 8 else torch.uint16)
 
 
 def decode(codes: torch.Tensor, fmt: FPFormat, bias: Any = None) -> torch.Tensor:
-    """float32 values of FP codes read with real exponent bias ``bias`` (see the reference)."""
+    """float32 values of FP codes read with real exponent bias ``bias``: the FP variable of paper
+    section 3 (formulation of FP variables); re-reading at b + k is section 4.2's
+    reparameterisation (see the reference)."""
     fmt = _check_format(fmt)
     if not isinstance(codes, torch.Tensor) or codes.is_floating_point() or codes.is_complex():
         raise ValueError(
@@ -174,6 +187,7 @@ def decode(codes: torch.Tensor, fmt: FPFormat, bias: Any = None) -> torch.Tensor
         )
     c = codes.long()
     b = _bias_tensor(fmt.bias if bias is None else bias, c.device)
+    _check_bias_shape(tuple(b.shape), tuple(c.shape))
     M = fmt.mbits
     sign = (c >> (fmt.ebits + M)) & 1
     field = (c >> M) & (2**fmt.ebits - 1)
@@ -185,17 +199,6 @@ def decode(codes: torch.Tensor, fmt: FPFormat, bias: Any = None) -> torch.Tensor
     return (torch.where(sign == 1, -a, a) * scale_inv).float()
 
 
-def _per_output_channel(w_bias: Any, out_features: int, device: torch.device) -> torch.Tensor:
-    wb = torch.as_tensor(w_bias, dtype=torch.float64, device=device)
-    if wb.ndim == 1:
-        if wb.shape[0] != out_features:
-            raise ValueError(
-                f"w_bias has {wb.shape[0]} entries but W has {out_features} rows: pass one per output channel"
-            )
-        return wb[:, None]
-    return wb
-
-
 def linear(
     x: torch.Tensor,
     w: torch.Tensor,
@@ -205,14 +208,23 @@ def linear(
     w_bias: Any,
     b: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Y = Q(X; a_bias) Q(W; w_bias)^T + b, computed in x's precision (float32 at least)."""
+    """Y = Q(X; a_bias) Q(W; w_bias)^T + b, computed in x's precision (float32 at least): the
+    forward whose output MSE the search of paper section 4.1 minimises (see the reference)."""
     if x.ndim != 2 or w.ndim != 2 or x.shape[1] != w.shape[1]:
         raise ValueError(
             f"linear needs x (tokens, in) and w (out, in) with the same in: got {tuple(x.shape)} and {tuple(w.shape)}"
         )
+    if b is not None:
+        _check_layer_bias(tuple(b.shape), w.shape[0])
     work = torch.float64 if x.dtype == torch.float64 else torch.float32
     Xq = quantize(x, a_fmt, a_bias).to(work)
-    Wq = quantize(w, w_fmt, _per_output_channel(w_bias, w.shape[0], w.device)).to(work)
+    Wq = quantize(
+        w,
+        w_fmt,
+        _per_output_channel(
+            torch.as_tensor(w_bias, dtype=torch.float64, device=w.device), w.shape[0]
+        ),
+    ).to(work)
     Y = Xq @ Wq.T
     if b is not None:
         Y = Y + b.to(work)
@@ -222,7 +234,8 @@ def linear(
 def preshift(
     a_bias: torch.Tensor, fmt: FPFormat, tensor_bias: Any = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel biases -> (t, k): k_c = clamp(round(b_c), round(t), round(t) + 2^E - 1) - round(t)."""
+    """Paper section 4.2 (pre-shifted exponent bias; spec 1.5): per-channel biases -> (t, k) with
+    k_c = clamp(round(b_c), round(t), round(t) + 2^E - 1) - round(t)."""
     fmt = _check_format(fmt)
     b_c = _bias_tensor(
         a_bias, a_bias.device if isinstance(a_bias, torch.Tensor) else torch.device("cpu")
@@ -240,7 +253,8 @@ def preshift(
 
 
 def fold_preshift(w_bias: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
-    """(out, in) weight exponent biases b_o + k_c (see the reference for the exactness condition)."""
+    """Paper section 4.2 (reparameterisation into the weights): (out, in) weight exponent biases
+    b_o + k_c (see the reference for the exactness condition)."""
     b_o = torch.as_tensor(w_bias, dtype=torch.float64)
     k = torch.as_tensor(shifts)
     if b_o.ndim != 1 or k.ndim != 1:
@@ -250,13 +264,6 @@ def fold_preshift(w_bias: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
     if k.is_floating_point() and not bool((k == torch.round(k)).all()):
         raise ValueError("shifts must be integers (the k_c of preshift)")
     return b_o[:, None] + k.to(torch.float64, copy=False).to(b_o.device)[None, :]
-
-
-def _candidates(b0: torch.Tensor, factors: torch.Tensor, search_space: str) -> torch.Tensor:
-    f = factors.reshape((-1,) + (1,) * b0.ndim)
-    if search_space == "bias":
-        return f * b0[None]
-    return b0[None] - torch.log2(f)
 
 
 def search(
@@ -275,12 +282,16 @@ def search(
     w_formats: list[FPFormat] | None = None,
     a_formats: list[FPFormat] | None = None,
 ) -> FPQSearchResult:
-    """Joint format / exponent-bias search for one linear (the reference's algorithm, in torch).
+    """Joint format / exponent-bias search for one linear: paper section 4.1 (joint format and max
+    value search), with section 4.2's pre-shifted bias when ``preshifted`` (the reference's
+    algorithm, in torch).
 
     Matmuls run in float32 (float64 for float64 inputs); the quantizer is exact. Returns
     ``FPQSearchResult`` holding torch tensors (float64 biases, int64 shifts).
     """
     _check_search_args(x, w, wbits, abits, gamma1, gamma2, n_candidates, rounds, search_space)
+    if b is not None:
+        _check_layer_bias(tuple(b.shape), w.shape[0])
     wfmts = [_check_format(f, "w_formats[i]") for f in (w_formats or default_formats(wbits))]
     afmts = [_check_format(f, "a_formats[i]") for f in (a_formats or default_formats(abits))]
     work = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -295,6 +306,8 @@ def search(
         * (gamma2 - gamma1)
         / n_candidates
     )
+    # log2 as NumPy computes it (the reference's), once per search: identical 'max' candidates
+    log2_factors = torch.from_numpy(np.log2(factors.cpu().numpy())).to(dev)
 
     w_absmax = w.abs().amax(dim=1)
     w_b0 = [bias_from_max(w_absmax, f) for f in wfmts]
@@ -328,7 +341,11 @@ def search(
             if step == "wb":
                 Xq = quantize(x, afmts[ia], a_effective(ia, a_cur[ia])).to(work)
                 cands = torch.cat(
-                    [w_cur[iw][None], w_b0[iw][None], _candidates(w_b0[iw], factors, search_space)]
+                    [
+                        w_cur[iw][None],
+                        w_b0[iw][None],
+                        _candidates(w_b0[iw], factors, log2_factors, search_space),
+                    ]
                 )
                 best_err = torch.full((w.shape[0],), float("inf"), dtype=work, device=dev)
                 best = w_cur[iw].clone()
@@ -341,7 +358,11 @@ def search(
                 w_cur[iw] = best
             elif step == "ab":
                 cands = torch.cat(
-                    [a_cur[ia][None], a_b0[ia][None], _candidates(a_b0[ia], factors, search_space)]
+                    [
+                        a_cur[ia][None],
+                        a_b0[ia][None],
+                        _candidates(a_b0[ia], factors, log2_factors, search_space),
+                    ]
                 )
                 Wq = quantize(w, wfmts[iw], w_cur[iw][:, None]).to(work)
                 errs = torch.stack(

@@ -66,6 +66,13 @@ class _QuantizedLinear(nn.Module):
     def dequantized_weight(self) -> torch.Tensor:  # pragma: no cover - abstract
         raise NotImplementedError
 
+    def _copy_bias(self, linear: nn.Linear) -> None:
+        """Copy the layer bias of the ``nn.Linear`` being quantized (``from_linear``)."""
+        if linear.bias is not None:
+            assert self.bias is not None
+            with torch.no_grad():
+                self.bias.copy_(linear.bias.detach())
+
     def to_linear(self) -> nn.Linear:
         """A plain ``nn.Linear`` holding the dequantized weights."""
         w = self.dequantized_weight()
@@ -166,9 +173,7 @@ class Linear8bitLt(_QuantizedLinear):
         codes, absmax, _ = _llm_int8.vectorwise_quant(w, 0.0)
         mod.weight_codes.copy_(codes)
         mod.weight_absmax.copy_(absmax)
-        if linear.bias is not None:
-            assert mod.bias is not None
-            mod.bias.copy_(linear.bias.detach())
+        mod._copy_bias(linear)
         return mod
 
     def dequantized_weight(self) -> torch.Tensor:
@@ -226,7 +231,9 @@ class FPQLinear(_QuantizedLinear):
     The shifts are folded into the weights' exponent bias (``lowbit.fast.fpq.fold_preshift``): on
     CUDA the activation codes are written at bias t + k_c and the Triton FP linear reads them
     raw and the weight codes at b_o + k_c; on CPU the same values come from the simulated layer,
-    which is bit-identical product by product. ``a_format=None`` quantizes the weights only.
+    which is bit-identical product by product. The fold is used only where it is exact
+    (exponent bits <= ``FOLD_MAX_EBITS`` = 5 for both formats); wider exponents run the simulated
+    layer on CUDA too. ``a_format=None`` quantizes the weights only.
 
     Buffers: ``weight_codes`` uint8 (out, ceil(in / 2)) for 4-bit weights (two codes per byte,
     low nibble first) else (out, in); ``weight_bias`` float64 (out,); ``act_bias`` float64 ();
@@ -325,9 +332,7 @@ class FPQLinear(_QuantizedLinear):
         mod.weight_bias.copy_(w_bias)
         mod.act_bias.copy_(t)
         mod.act_shift.copy_(shift)
-        if linear.bias is not None:
-            assert mod.bias is not None
-            mod.bias.copy_(linear.bias.detach())
+        mod._copy_bias(linear)
         return mod
 
     def _codes(self) -> torch.Tensor:
@@ -371,6 +376,35 @@ class FPQLinear(_QuantizedLinear):
         """Per-input-channel activation bias t + k_c (float64, (in,))."""
         return self.act_bias + self.act_shift.to(torch.float64)
 
+    # The folded Triton layer decodes FP codes raw in float32 registers: activation values
+    # 2^(max(field, 1) - M) up to 2^(2^E_a) and weight values scaled by 2^-k_c with k_c up to
+    # 2^E_a - 1. Both stay normal float32 numbers (fold_preshift's exactness condition) for
+    # E <= 5; E = 6, 7 (allowed by the format check) would leave the float32 exponent range.
+    FOLD_MAX_EBITS = 5
+
+    def _folded_is_exact(self) -> bool:
+        """Whether the folded Triton layer computes the simulated layer exactly (see above)."""
+        return (
+            self.a_format is not None
+            and self.a_format.ebits <= self.FOLD_MAX_EBITS
+            and self.w_format.ebits <= self.FOLD_MAX_EBITS
+        )
+
+    def _cached_scales(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(2^(t + k_c) float64 (in,), 2^-t float32, 2^-b_o float32 (out,)) for the folded layer,
+        recomputed only when the bias buffers change (like ``_cached_weight``)."""
+        from lowbit.fast import fpq
+
+        bufs = (self.act_bias, self.act_shift, self.weight_bias)
+        key = tuple((t.data_ptr(), t._version) for t in bufs)
+        if getattr(self, "_scales_key", None) != key:
+            a_scale, _ = fpq._bias_scales(self.act_biases())
+            _, a_si = fpq._bias_scales(self.act_bias)
+            _, w_si = fpq._bias_scales(self.weight_bias)
+            self._scales_cache = (a_scale, a_si.float(), w_si.float())
+            self._scales_key = key
+        return self._scales_cache
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from lowbit.fast import fpq
 
@@ -380,26 +414,27 @@ class FPQLinear(_QuantizedLinear):
             and on_triton_device(X)
             and X.dtype in (torch.float32, torch.float16, torch.bfloat16)
             and X.shape[0] > 0
+            and self._folded_is_exact()
         ):
             from lowbit.kernels import fpq as kfpq
 
-            scale, _ = fpq._bias_scales(self.act_biases())
+            a_scale, a_si, w_si = self._cached_scales()
             codes = kfpq.fake_quant(
-                X, self.a_format.ebits, self.a_format.mbits, scale, 1.0 / scale, codes=True
+                X, self.a_format.ebits, self.a_format.mbits, a_scale, codes=True
             )
-            _, a_si = fpq._bias_scales(self.act_bias)
-            _, w_si = fpq._bias_scales(self.weight_bias)
             Y = kfpq.fpq_linear(
-                codes, self.weight_codes, self.act_shift, a_si.float(), w_si.float(),
+                codes, self.weight_codes, self.act_shift, a_si, w_si,
                 (self.a_format.ebits, self.a_format.mbits), (self.w_format.ebits, self.w_format.mbits),
                 bias=self.bias, w_packed=self.w_format.bits == 4, out_dtype=x.dtype,
             )  # fmt: skip
         else:
+            # the simulated layer; float64 inputs are computed in float64 (as Linear8bitLt does)
+            work = torch.float64 if X.dtype == torch.float64 else torch.float32
             Xq = X if self.a_format is None else fpq.quantize(X, self.a_format, self.act_biases())
             Y = nn.functional.linear(
-                Xq.float(),
-                self._cached_weight(),
-                None if self.bias is None else self.bias.float(),
+                Xq.to(work),
+                self._cached_weight().to(work),  # exact: <= 8 significant bits
+                None if self.bias is None else self.bias.to(work),
             )
         return Y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
 

@@ -19,7 +19,7 @@ path feeds bf16 operands to ``tl.dot`` (fp32 accumulation); the interpreter uses
 
 Launchers (callable directly, also under ``TRITON_INTERPRET=1``):
 
-* ``fake_quant(x, ebits, mbits, scale, scale_inv, *, codes=False)`` -> x's dtype values, or uint8
+* ``fake_quant(x, ebits, mbits, scale, scale_inv=None, *, codes=False)`` -> x's dtype values, or uint8
   codes when ``codes=True``.
 * ``fpq_linear(a_codes, w_codes, shifts, a_scale_inv, w_scale_inv, a_bits, w_bits, *, bias=None,
   w_packed=False, out_dtype=torch.float32)`` -> (M, N).
@@ -93,7 +93,9 @@ def _fpq_fake_quant_kernel(
         e = (((a.to(tl.int64, bitcast=True) >> 52) & 0x7FF) - 1023).to(tl.int32)  # floor(log2 a)
         normal = a >= 2.0
         field = tl.where(normal, e, 0)
-        mant_n = a * _pow2_f64(MBITS - e) - (1 << MBITS)
+        # e >= 1 for normals; the clamp keeps zeros (e = -1023) from 0 * 2^1024 = NaN in the
+        # lane tl.where discards
+        mant_n = a * _pow2_f64(MBITS - tl.maximum(e, 1)) - (1 << MBITS)
         mant_s = a * _pow2_f64(tl.full(e.shape, MBITS - 1, tl.int32))
         mant = tl.where(normal, mant_n, mant_s).to(tl.int32)
         code = (sign << (EBITS + MBITS)) | (field << MBITS) | mant
@@ -129,17 +131,23 @@ def fake_quant(
     ebits: int,
     mbits: int,
     scale: torch.Tensor,
-    scale_inv: torch.Tensor,
+    scale_inv: torch.Tensor | None = None,
     *,
     codes: bool = False,
 ) -> torch.Tensor:
-    """One-pass FP fake quantization (or encoding) of ``x`` with 2^b = ``scale`` broadcast on x."""
+    """One-pass FP fake quantization (or encoding) of ``x`` with 2^b = ``scale`` broadcast on x.
+    ``scale_inv`` (2^-b) is needed for values only: codes do not depend on it."""
+    if scale_inv is None and not codes:
+        raise ValueError(
+            "fake_quant needs scale_inv (2^-b) to return values; pass it or codes=True"
+        )
     shape = x.shape
     K = shape[-1]
     x2 = x.reshape(-1, K)
     M = x2.shape[0]
     s = scale.to(torch.float64).expand(shape).reshape(M, K)
-    si = scale_inv.to(torch.float64).expand(shape).reshape(M, K)
+    # codes=True never reads 2^-b: the kernel gets 2^b's pointer as a placeholder
+    si = s if scale_inv is None else scale_inv.to(torch.float64).expand(shape).reshape(M, K)
     if s.stride() != si.stride():
         si = si.contiguous()
         s = s.contiguous()
@@ -157,7 +165,9 @@ def fake_quant(
 
 @triton.jit
 def _decode_raw(code, shift, EBITS: tl.constexpr, MBITS: tl.constexpr):
-    """FP code -> its value at bias 0 times 2^-shift, in float32 (exact: <= 8 significant bits)."""
+    """FP code -> its value at bias 0 times 2^-shift, in float32 (exact: <= 8 significant bits).
+    Needs 2^(max(field, 1) - M - shift) to be a normal float32: true for E <= 5 and shifts
+    below 2^5 (callers check, see ``FPQLinear._folded_is_exact``)."""
     field = (code >> MBITS) & ((1 << EBITS) - 1)
     mant = code & ((1 << MBITS) - 1)
     sig = tl.where(field > 0, mant + (1 << MBITS), mant)

@@ -6,9 +6,9 @@ github.com/nbasyl/LLM-FP4 (``quant_layers/fp_linear.py``). Formulas: ``spec/meth
 
 An FP format has a sign, E exponent bits and M mantissa bits and, in LLM-FP4, *no* reserved code
 (``FPFormat(E, M, specials="none")``). Its exponent bias ``b`` is a real number that plays the role
-of a scale (paper eq. 2-4, the clip/scale/compare quantizer):
+of a scale (paper section 3, the FP quantization process: clip, scale, compare/round):
 
-    Qmax(b) = (2 - 2^-M) * 2^(2^E - 1 - b)                          (eq. 3, ``max_from_bias``)
+    Qmax(b) = (2 - 2^-M) * 2^(2^E - 1 - b)                          (``max_from_bias``)
     b       = 2^E - log2(Qmax) + log2(2 - 2^-M) - 1                 (its inverse, ``bias_from_max``)
     xc      = clamp(x, -Qmax, Qmax)                                  (clip)
     p       = max(floor(log2|xc| + b), 1)                            (binade; zeros land in p = 1)
@@ -31,7 +31,8 @@ with ``Q_0`` the integer-bias-0 quantizer. That identity drives everything here:
 
 Public functions
 
-* ``max_from_bias(bias, fmt)`` / ``bias_from_max(maxval, fmt)``: eq. 3 and its inverse.
+* ``max_from_bias(bias, fmt)`` / ``bias_from_max(maxval, fmt)``: the clip max Qmax(b) of section 3
+  and its inverse.
 * ``quantize(x, fmt, bias=None)``: fake quantization, bias scalar or broadcastable array.
 * ``encode(x, fmt, bias=None)`` / ``decode(codes, fmt, bias=None)``: FP codes (sign | exponent |
   mantissa) whose value is the quantized value; ``decode(encode(x)) == quantize(x)``.
@@ -141,6 +142,29 @@ def _check_bias(bias: Any) -> np.ndarray:
     return b
 
 
+def _check_bias_shape(bias_shape: tuple[int, ...], x_shape: tuple[int, ...]) -> None:
+    """The bias must broadcast to x's shape (the result keeps x's shape). Pure Python: the fast
+    path calls it with torch shapes, so both sides raise the same message."""
+    bias_shape, x_shape = tuple(bias_shape), tuple(x_shape)
+    try:
+        ok = np.broadcast_shapes(x_shape, bias_shape) == x_shape
+    except ValueError:
+        ok = False
+    if not ok:
+        raise ValueError(
+            f"bias of shape {bias_shape} does not broadcast to x's shape {x_shape}: use a scalar, "
+            "(rows, 1) per row, (cols,) per column, or x's shape"
+        )
+
+
+def _check_layer_bias(b_shape: tuple[int, ...], out_features: int) -> None:
+    """The layer bias b of ``linear`` is one value per output feature."""
+    if tuple(b_shape) != (out_features,):
+        raise ValueError(
+            f"b has shape {tuple(b_shape)} but the layer has {out_features} outputs: pass b of shape ({out_features},) or None"
+        )
+
+
 def _bias_scales(bias: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """2^b and 2^-b as realised by every path: 2^floor(b) times the float32-rounded 2^frac(b)."""
     b_int = np.floor(bias)  # integer part
@@ -153,7 +177,8 @@ def _bias_scales(bias: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def max_from_bias(bias: Any, fmt: FPFormat) -> np.ndarray:
-    """Eq. 3: the clip max Qmax(b) = (2 - 2^-M) 2^(2^E - 1 - b), as the quantizer realises it
+    """Paper section 3 (FP quantization process, spec 1.2): the clip max
+    Qmax(b) = (2 - 2^-M) 2^(2^E - 1 - b), as the quantizer realises it
     (``quantize(+inf, fmt, b) == max_from_bias(b, fmt)``). Returns float64, bias's shape."""
     fmt = _check_format(fmt)
     b = _check_bias(bias)
@@ -162,7 +187,8 @@ def max_from_bias(bias: Any, fmt: FPFormat) -> np.ndarray:
 
 
 def bias_from_max(maxval: Any, fmt: FPFormat) -> np.ndarray:
-    """Inverse of eq. 3: b = 2^E - 1 - log2(Qmax / (2 - 2^-M)) (= the spec's
+    """Inverse of the clip max of paper section 3 (spec 1.2), the min-max initialisation of
+    section 4.1: b = 2^E - 1 - log2(Qmax / (2 - 2^-M)) (= the spec's
     2^E - log2(Qmax) + log2(2 - 2^-M) - 1). Exact when Qmax/(2 - 2^-M) is a power of two (integer
     b); otherwise max_from_bias(bias_from_max(m)) == m to float32 precision of 2^frac(b).
     maxval <= MAXVAL_FLOOR (zero rows) is floored there, so the bias stays finite."""
@@ -200,7 +226,8 @@ def _round_scaled(x64: np.ndarray, fmt: FPFormat, b: np.ndarray) -> tuple[np.nda
 
 
 def quantize(x: np.ndarray, fmt: FPFormat, bias: Any = None) -> np.ndarray:
-    """Fake-quantize ``x`` to ``fmt`` with real exponent bias ``bias`` (default: ``fmt.bias``).
+    """Fake-quantize ``x`` to ``fmt`` with real exponent bias ``bias`` (default: ``fmt.bias``):
+    clip, binade, step, round of paper section 3 (FP quantization process; spec 1.2).
 
     ``bias`` is a scalar or any array that broadcasts against ``x``: per tensor (scalar), per
     output channel of a weight (``(out, 1)``), per input channel of an activation (``(in,)``), per
@@ -210,6 +237,7 @@ def quantize(x: np.ndarray, fmt: FPFormat, bias: Any = None) -> np.ndarray:
     fmt = _check_format(fmt)
     x64, dtype = _as_float(x)
     b = _check_bias(fmt.bias if bias is None else bias)
+    _check_bias_shape(b.shape, x64.shape)
     q, scale_inv = _round_scaled(x64, fmt, b)
     xq = q * scale_inv  # back to x's units: exact in float64 (<= 8-bit times 24-bit significands)
     if dtype == np.float64:
@@ -220,7 +248,7 @@ def quantize(x: np.ndarray, fmt: FPFormat, bias: Any = None) -> np.ndarray:
 
 def encode(x: np.ndarray, fmt: FPFormat, bias: Any = None) -> np.ndarray:
     """FP codes (sign | exponent field | mantissa field; uint8 up to 8 bits, else uint16) of
-    ``quantize(x, fmt, bias)``. The exponent field of a normal value is the binade p of the
+    ``quantize(x, fmt, bias)``, the FP variable of paper section 3 (formulation of FP variables). The exponent field of a normal value is the binade p of the
     quantizer; field 0 holds the subnormals (``d * 2^(1 - M - b)``). NaN has no code: ValueError."""
     fmt = _check_format(fmt)
     x64, _ = _as_float(x)
@@ -229,6 +257,7 @@ def encode(x: np.ndarray, fmt: FPFormat, bias: Any = None) -> np.ndarray:
             f"{int(np.isnan(x64).sum())} NaN value(s) cannot be encoded: LLM-FP4 formats have no NaN code"
         )
     b = _check_bias(fmt.bias if bias is None else bias)
+    _check_bias_shape(b.shape, x64.shape)
     q, _ = _round_scaled(x64, fmt, b)
     q = np.broadcast_to(q, np.broadcast_shapes(x64.shape, b.shape))
     M = fmt.mbits
@@ -245,13 +274,15 @@ def encode(x: np.ndarray, fmt: FPFormat, bias: Any = None) -> np.ndarray:
 def decode(codes: np.ndarray, fmt: FPFormat, bias: Any = None) -> np.ndarray:
     """Values (float32) of FP codes read with real exponent bias ``bias`` (default ``fmt.bias``):
     ``(-1)^s (2^M + mantissa) 2^(field - M - b)``, or ``(-1)^s mantissa 2^(1 - M - b)`` for field 0.
-    Reading a code with bias ``b + k`` gives exactly 2^-k times its value at bias b."""
+    Reading a code with bias ``b + k`` gives exactly 2^-k times its value at bias b (paper
+    section 3, formulation of FP variables; the re-reading is section 4.2's reparameterisation)."""
     fmt = _check_format(fmt)
     c = np.asarray(codes)
     if c.dtype.kind not in "ui":
         raise ValueError(f"codes must be an integer array, got {c.dtype}")
     c = c.astype(np.int64)
     b = _check_bias(fmt.bias if bias is None else bias)
+    _check_bias_shape(b.shape, c.shape)
     M = fmt.mbits
     sign = (c >> (fmt.ebits + M)) & 1
     field = (c >> M) & (2**fmt.ebits - 1)
@@ -270,9 +301,9 @@ def decode(codes: np.ndarray, fmt: FPFormat, bias: Any = None) -> np.ndarray:
 # ---- the layer -------------------------------------------------------------------------------------
 
 
-def _per_output_channel(w_bias: Any, out_features: int) -> np.ndarray:
-    """A weight bias given per output channel ``(out,)`` becomes ``(out, 1)`` to broadcast on W."""
-    wb = np.asarray(w_bias, dtype=np.float64)
+def _per_output_channel(wb: Any, out_features: int) -> Any:
+    """A weight bias given per output channel ``(out,)`` becomes ``(out, 1)`` to broadcast on W.
+    ``wb`` is an array (NumPy here, torch in the fast path: only .ndim, .shape and indexing)."""
     if wb.ndim == 1:
         if wb.shape[0] != out_features:
             raise ValueError(
@@ -291,7 +322,8 @@ def linear(
     w_bias: Any,
     b: np.ndarray | None = None,
 ) -> np.ndarray:
-    """The simulated quantized layer Y = Q(X; a_bias) Q(W; w_bias)^T + b, in float64.
+    """The simulated quantized layer Y = Q(X; a_bias) Q(W; w_bias)^T + b, in float64: the
+    forward whose output MSE the search of paper section 4.1 minimises.
 
     x: (tokens, in); w: (out, in). a_bias: scalar, (in,) per input channel, or (tokens, 1) per
     token. w_bias: scalar, (out,) per output channel, or (out, in) per element (folded shifts).
@@ -302,8 +334,12 @@ def linear(
         raise ValueError(
             f"linear needs x (tokens, in) and w (out, in) with the same in: got {x.shape} and {w.shape}"
         )
+    if b is not None:
+        _check_layer_bias(np.shape(b), w.shape[0])
     Xq = quantize(x, a_fmt, a_bias).astype(np.float64)  # (tokens, in)
-    Wq = quantize(w, w_fmt, _per_output_channel(w_bias, w.shape[0])).astype(np.float64)  # (out, in)
+    Wq = quantize(
+        w, w_fmt, _per_output_channel(np.asarray(w_bias, dtype=np.float64), w.shape[0])
+    ).astype(np.float64)  # (out, in)
     Y = Xq @ Wq.T  # (tokens, out)
     if b is not None:
         Y = Y + np.asarray(b, dtype=np.float64)
@@ -316,7 +352,8 @@ def linear(
 def preshift(
     a_bias: np.ndarray, fmt: FPFormat, tensor_bias: Any = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Per-channel activation biases b_c -> (t, k): a real tensor bias t and integer shifts
+    """Paper section 4.2 (pre-shifted exponent bias; spec 1.5): per-channel activation biases
+    b_c -> (t, k): a real tensor bias t and integer shifts
     k_c = clamp(round(b_c), round(t), round(t) + 2^E - 1) - round(t) in [0, 2^E - 1].
 
     Channel c is then quantized with bias t + k_c (the official code's ``b_eff,c``). ``t``
@@ -338,7 +375,8 @@ def preshift(
 
 
 def fold_preshift(w_bias: np.ndarray, shifts: np.ndarray) -> np.ndarray:
-    """Fold activation shifts k_c into the weights' exponent biases: (out, in) = b_o + k_c.
+    """Paper section 4.2 (reparameterisation into the weights): fold activation shifts k_c into
+    the weights' exponent biases: (out, in) = b_o + k_c.
 
     With activation codes written at bias t + k_c and read at the tensor bias t (values 2^k_c
     times the simulated ones), and weight codes written at b_o and read at b_o + k_c (values
@@ -387,6 +425,10 @@ def _check_search_args(
         raise ValueError(
             f"search needs x (tokens > 0, in) and w (out, in): got {tuple(x.shape)} and {tuple(w.shape)}"
         )
+    if x.shape[1] == 0 or w.shape[0] == 0:
+        raise ValueError(
+            f"search needs in > 0 and out > 0 (nothing to quantize): got x {tuple(x.shape)}, w {tuple(w.shape)}"
+        )
     if not 0 < gamma1 < gamma2:
         raise ValueError(f"need 0 < gamma1 < gamma2, got gamma1={gamma1}, gamma2={gamma2}")
     if int(n_candidates) < 1 or int(rounds) < 1:
@@ -397,14 +439,14 @@ def _check_search_args(
         )
 
 
-def _candidates(
-    b0: np.ndarray, fmt: FPFormat, factors: np.ndarray, search_space: str
-) -> np.ndarray:
-    """(n, *b0.shape) candidate biases: factor * b0 ('bias') or the bias of factor * Qmax ('max')."""
-    f = factors.reshape((-1,) + (1,) * b0.ndim)
+def _candidates(b0: Any, factors: Any, log2_factors: Any, search_space: str) -> Any:
+    """(n, *b0.shape) candidate biases: factor * b0 ('bias') or the bias of factor * Qmax ('max').
+    Plain array arithmetic (NumPy here, torch in the fast path); ``log2_factors = log2(factors)``."""
+    shape = (-1,) + (1,) * b0.ndim
     if search_space == "bias":
-        return f * b0[None]
-    return b0[None] - np.log2(f)  # bias_from_max(f * max_from_bias(b0)) without the float32 detour
+        return factors.reshape(shape) * b0[None]
+    # bias_from_max(f * max_from_bias(b0)) without the float32 detour
+    return b0[None] - log2_factors.reshape(shape)
 
 
 def _mse(y_fp: np.ndarray, y: np.ndarray, axis=None) -> np.ndarray:
@@ -427,7 +469,8 @@ def search(
     w_formats: list[FPFormat] | None = None,
     a_formats: list[FPFormat] | None = None,
 ) -> FPQSearchResult:
-    """Joint search of formats and exponent biases for one linear layer (spec 1.4).
+    """Joint search of formats and exponent biases for one linear layer: paper section 4.1 (joint
+    format and max value search), with section 4.2's pre-shifted bias when ``preshifted`` (spec 1.4).
 
     x: (tokens, in) calibration inputs, w: (out, in), b: (out,) or None. Objective: the MSE of the
     layer output against the full-precision output ``x w^T + b``. Candidate factors
@@ -444,6 +487,8 @@ def search(
     x = np.asarray(x, dtype=np.float64)  # (tokens, in)
     w = np.asarray(w, dtype=np.float64)  # (out, in)
     _check_search_args(x, w, wbits, abits, gamma1, gamma2, n_candidates, rounds, search_space)
+    if b is not None:
+        _check_layer_bias(np.shape(b), w.shape[0])
     wfmts = [_check_format(f, "w_formats[i]") for f in (w_formats or default_formats(wbits))]
     afmts = [_check_format(f, "a_formats[i]") for f in (a_formats or default_formats(abits))]
     bias_vec = np.zeros(w.shape[0]) if b is None else np.asarray(b, dtype=np.float64)
@@ -451,6 +496,7 @@ def search(
     factors = (
         gamma1 + np.arange(n_candidates + 1) * (gamma2 - gamma1) / n_candidates
     )  # k + 1 values
+    log2_factors = np.log2(factors)
 
     # Min-max initialisation per format (the code's _initialize_intervals).
     w_b0 = [bias_from_max(np.max(np.abs(w), axis=1), f) for f in wfmts]  # (out,) per format
@@ -481,7 +527,7 @@ def search(
             [
                 w_cur[iw][None],
                 w_b0[iw][None],
-                _candidates(w_b0[iw], wfmts[iw], factors, search_space),
+                _candidates(w_b0[iw], factors, log2_factors, search_space),
             ]
         )
         best_err = np.full(w.shape[0], np.inf)  # (out,)
@@ -497,7 +543,7 @@ def search(
     def search_a_bias() -> None:
         b0 = np.asarray(a_b0[ia])
         cands = np.concatenate(
-            [a_cur[ia][None], b0[None], _candidates(b0, afmts[ia], factors, search_space)]
+            [a_cur[ia][None], b0[None], _candidates(b0, factors, log2_factors, search_space)]
         )
         errs = [_mse(y_fp, output(iw, w_cur[iw], ia, c)) for c in cands]
         a_cur[ia] = cands[int(np.argmin(errs))]

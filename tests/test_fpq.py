@@ -200,6 +200,49 @@ def test_bad_arguments_raise_clear_errors(mod):
         mod.search(arr, arr, search_space="clip")
 
 
+def _message(fn, *args, **kwargs) -> str:
+    with pytest.raises(ValueError) as info:
+        fn(*args, **kwargs)
+    return str(info.value)
+
+
+def test_shape_errors_are_one_line_and_identical_on_both_sides():
+    """Empty layers in search, non-broadcasting biases in quantize/encode/decode and a wrong layer
+    bias b in linear: one ValueError, the same text from the reference and the fast path (before,
+    NumPy/torch broadcast errors or an IndexError / NaN mse leaked out)."""
+    x, w = np.ones((4, 3), dtype=np.float32), np.ones((5, 3), dtype=np.float32)
+
+    def both(op, *args, **kwargs):
+        ref = _message(getattr(R, op), *args, **kwargs)
+        targs = [torch.from_numpy(a) if isinstance(a, np.ndarray) else a for a in args]
+        fast = _message(getattr(F, op), *targs, **kwargs)
+        assert ref == fast and "\n" not in ref, (op, ref, fast)
+        return ref
+
+    assert "in > 0 and out > 0" in both("search", np.ones((4, 0)), np.ones((5, 0)))
+    assert "in > 0 and out > 0" in both("search", x, np.ones((0, 3), dtype=np.float32))
+    for bad in (np.zeros(4), np.zeros((3, 1)), np.zeros((2, 4, 3))):
+        msg = both("quantize", x, E2M1, bad)
+        assert "does not broadcast to x's shape (4, 3)" in msg and "per column" in msg
+        assert msg == both("encode", x, E2M1, bad)
+    assert "does not broadcast" in both("decode", np.zeros((4, 3), np.uint8), E2M1, np.zeros(4))
+    for b in (np.zeros(4, dtype=np.float32), np.zeros((1, 5), dtype=np.float32)):
+        assert "pass b of shape (5,)" in both("linear", x, w, E2M1, 0.0, E2M1, 0.0, b)
+        assert "pass b of shape (5,)" in both("search", x, w, b)
+
+
+@pytest.mark.parametrize("fmt", [E2M1, FPFormat(4, 3), FPFormat(5, 4), FPFormat(7, 8)])
+def test_encode_dtype_matches_reference(fmt):
+    """DESIGN section 2: codes are uint8 up to 8 bits, else uint16, on both sides."""
+    x = np.random.default_rng(2).standard_normal((5, 7)).astype(np.float32)
+    ref = R.encode(x, fmt, 3.25)
+    fast = F.encode(torch.from_numpy(x), fmt, 3.25)
+    expected = (np.uint8, torch.uint8) if fmt.bits <= 8 else (np.uint16, torch.uint16)
+    assert (ref.dtype, fast.dtype) == expected
+    np.testing.assert_array_equal(fast.numpy(), ref)
+    compare("decode of uint16 codes", F.decode(fast, fmt, 3.25), R.decode(ref, fmt, 3.25), EXACT)
+
+
 # ---- pre-shifted bias and its fold ------------------------------------------------------------------
 
 
@@ -356,6 +399,11 @@ def test_search_direction_identity():
             assert np.isclose(R.max_from_bias(b0 - np.log2(g), E2M1), g * maxval, rtol=1e-6)
 
 
+def y_size_eps(mse: float, n: int) -> float:
+    """Rounding bound of a float64 mean of n non-negative terms."""
+    return n * 2.0**-53 * mse
+
+
 def test_fast_search_matches_reference():
     rng = np.random.default_rng(3)
     x = rng.standard_normal((48, 20)) * np.exp(rng.standard_normal(20))
@@ -368,7 +416,15 @@ def test_fast_search_matches_reference():
         assert (f.w_format, f.a_format) == (r.w_format, r.a_format)
         np.testing.assert_array_equal(f.w_bias.numpy(), r.w_bias)
         np.testing.assert_array_equal(f.a_bias.numpy(), r.a_bias)
-        assert math.isclose(f.mse, r.mse, rel_tol=1e-9)
+        # Same quantized values, float64 GEMMs summed in different orders (NumPy vs torch): each
+        # output differs by at most delta = 2 K 2^-53 sum|terms| (target and quantized layer),
+        # so |mse_f - mse_r| <= 2 sqrt(mse) delta + delta^2, plus the mean's own rounding.
+        xq = np.abs(R.quantize(x, r.a_format, r.a_bias))
+        wq = np.abs(R.quantize(w, r.w_format, r.w_bias[:, None]))
+        terms = np.abs(x) @ np.abs(w).T + xq @ wq.T + 2 * np.abs(b)
+        delta = 2 * x.shape[1] * 2.0**-53 * terms.max()
+        budget = 2 * math.sqrt(r.mse) * delta + delta**2 + y_size_eps(r.mse, x.shape[0] * 9)
+        assert abs(f.mse - r.mse) <= budget, (f.mse, r.mse, budget)
     xq, wq = _planted(E1M2, E3M0)
     f = F.search(
         torch.from_numpy(xq).float(), torch.from_numpy(wq).float(), rounds=2, n_candidates=20
@@ -543,10 +599,11 @@ def test_fpqlinear_matches_reference_layer_and_round_trips(tmp_path):
         res.w_bias.numpy(),
         _tiny_model()[0].bias.detach().numpy(),
     )
+    w0 = _tiny_model()[0].weight.detach().numpy()
     naive = (
         torch.from_numpy(R.quantize(x.numpy(), res.a_format, res.a_bias.numpy()))
-        @ lin0.dequantized_weight().T
-        + lin0.bias
+        @ torch.from_numpy(R.quantize(w0, res.w_format, res.w_bias.numpy()[:, None])).T
+        + _tiny_model()[0].bias.detach()
     )
     compare("FPQLinear", lin0(x), truth, MATMUL, naive)
     assert np.all(res.a_shift.numpy() >= 0) and lin0.act_shift.tolist() == res.a_shift.tolist()
@@ -556,8 +613,16 @@ def test_fpqlinear_matches_reference_layer_and_round_trips(tmp_path):
     loaded = load_quantized(_tiny_model(seed=1), path)
     assert isinstance(loaded[0], FPQLinear) and loaded[0].w_format == model[0].w_format
     torch.testing.assert_close(loaded(x), y, rtol=0, atol=0)
-    # to_linear keeps the dequantized weights; float16 inputs come back as float16
-    torch.testing.assert_close(model[2].to_linear().weight, model[2].dequantized_weight())
+    # to_linear holds the weights the reference quantizer gives for the searched parameters
+    # (independent of the module's codes and decode); float16 inputs come back as float16
+    res2 = results["2"]
+    w2 = _tiny_model()[2].weight.detach().numpy()
+    compare(
+        "to_linear weight",
+        model[2].to_linear().weight,
+        R.quantize(w2, res2.w_format, res2.w_bias.numpy()[:, None]),
+        EXACT,
+    )
     assert (
         model(x.half().float()).dtype == torch.float32 and model[0](x.half()).dtype == torch.float16
     )
@@ -584,10 +649,93 @@ def test_fpqlinear_minmax_and_errors():
         FPQLinear(4, 4, w_format=(5, 4))
     with pytest.raises(ValueError, match="inputs"):
         mod(torch.randn(3, 8))
-    weight_only = FPQLinear.from_linear(lin, w_format=FPFormat(4, 3), a_format=None)
-    torch.testing.assert_close(
-        weight_only(x), torch.nn.functional.linear(x, weight_only.dequantized_weight(), lin.bias)
-    )
+    e4m3 = FPFormat(4, 3)
+    weight_only = FPQLinear.from_linear(lin, w_format=e4m3, a_format=None)
+    w = lin.weight.detach().numpy()
+    wq = R.quantize(w, e4m3, R.bias_from_max(np.abs(w).max(axis=1), e4m3)[:, None])  # independent
+    bias = lin.bias.detach().numpy()
+    truth = x.numpy().astype(np.float64) @ wq.T.astype(np.float64) + bias
+    naive = x @ torch.from_numpy(wq).T + lin.bias.detach()
+    compare("weight-only FPQLinear", weight_only(x), truth, MATMUL, naive)
+
+
+def test_fpqlinear_float64_inputs_run_in_float64():
+    """float64 inputs: the simulated layer in float64, within float64 GEMM rounding of the
+    reference (2 K 2^-53 sum|terms|); a float32 GEMM would miss this bound by ~2^29."""
+    from lowbit.fast.nn import FPQLinear
+
+    torch.manual_seed(4)
+    lin = torch.nn.Linear(24, 6)
+    x = torch.randn(10, 24, dtype=torch.float64)
+    mod = FPQLinear.from_linear(lin, w_format=E2M1, a_format=E2M1, calib_inputs=x.float())
+    y = mod(x)
+    assert y.dtype == torch.float64
+    w, b = lin.weight.detach().numpy(), lin.bias.detach().numpy().astype(np.float64)
+    t, wb = float(mod.act_bias), mod.weight_bias.numpy()
+    truth = R.linear(x.numpy(), w, E2M1, t, E2M1, wb, b)
+    xq, wq = R.quantize(x.numpy(), E2M1, t), R.quantize(w, E2M1, wb[:, None])
+    bound = 2 * 24 * 2.0**-53 * (np.abs(xq) @ np.abs(wq).T.astype(np.float64) + np.abs(b))
+    assert np.all(np.abs(y.numpy() - truth) <= bound)
+    assert np.any(np.abs(y.float().double().numpy() - truth) > 0)  # float32 would differ
+
+
+def test_fpqlinear_caches_the_folded_layer_scales():
+    """The per-call scales (2^(t + k_c), 2^-t, 2^-b_o) are computed once, and again only after a
+    buffer changes (load_state_dict, copy_)."""
+    from lowbit.fast.nn import FPQLinear
+
+    lin = torch.nn.Linear(8, 3)
+    mod = FPQLinear.from_linear(lin, w_format=E2M1, a_format=E2M1, calib_inputs=torch.randn(5, 8))
+    first = mod._cached_scales()
+    assert mod._cached_scales() is first
+    mod.act_shift.copy_(torch.arange(8))
+    a_scale, a_si, w_si = mod._cached_scales()
+    t = float(mod.act_bias)
+    scale_ref, _ = R._bias_scales(t + np.arange(8.0))  # the reference's realisation of 2^b
+    np.testing.assert_array_equal(a_scale.numpy(), scale_ref)
+    np.testing.assert_array_equal(a_si.numpy(), R._bias_scales(np.asarray(t))[1].astype(np.float32))
+    w_si_ref = R._bias_scales(mod.weight_bias.numpy())[1].astype(np.float32)
+    np.testing.assert_array_equal(w_si.numpy(), w_si_ref)
+
+
+@pytest.mark.interpret
+@pytest.mark.filterwarnings("ignore:overflow encountered:RuntimeWarning")  # the forced E7M0 fold
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # inf - inf there
+def test_fpqlinear_takes_the_folded_triton_path_only_when_exact(monkeypatch):
+    """forward() with the Triton path forced on (interpreted on CPU). E2M1 activations: the folded
+    kernels, tier B against the reference layer. E7M0 activations with shifts over 100: the raw
+    float32 decode would overflow/underflow (fold_preshift's condition fails), so the module must
+    run the simulated layer; forcing the fold there shows the failure the guard prevents."""
+    from lowbit.fast import nn as qnn
+    from lowbit.fast.nn import FPQLinear
+
+    monkeypatch.setattr(qnn, "on_triton_device", lambda t: True)
+    rng = np.random.default_rng(9)
+    x = (rng.standard_normal((6, 10)) * np.exp2(rng.integers(-4, 4, 10))).astype(np.float32)
+    x[:, 3] *= np.float32(2.0**-120)  # a tiny channel: its shift k_c passes 100 with E = 7
+    w = (rng.standard_normal((5, 10)) * 0.1).astype(np.float32)
+    b = (rng.standard_normal(5) * 0.1).astype(np.float32)
+    lin = torch.nn.Linear(10, 5)
+    with torch.no_grad():
+        lin.weight.copy_(torch.from_numpy(w))
+        lin.bias.copy_(torch.from_numpy(b))
+    for a_fmt, folds in ((E2M1, True), (FPFormat(7, 0), False)):
+        b_c = R.bias_from_max(np.abs(x).max(axis=0), a_fmt)
+        t, k = R.preshift(b_c, a_fmt)
+        wb = R.bias_from_max(np.abs(w).max(axis=1), E2M1)
+        result = R.FPQSearchResult(E2M1, a_fmt, wb, t + k, t, k, 0.0)
+        mod = FPQLinear.from_linear(lin, result=result)
+        assert mod._folded_is_exact() is folds
+        truth = R.linear(x, w, a_fmt, t + k, E2M1, wb, b)
+        naive = torch.from_numpy(R.quantize(x, a_fmt, t + k)) @ torch.from_numpy(
+            R.quantize(w, E2M1, wb[:, None])
+        ).T + torch.from_numpy(b)
+        compare(f"FPQLinear a={a_fmt.name}", mod(torch.from_numpy(x)), truth, MATMUL, naive)
+        if not folds:
+            assert k.max() > 100  # raw values near 2^127: float32 sums overflow
+            monkeypatch.setattr(FPQLinear, "FOLD_MAX_EBITS", 7)
+            forced = mod(torch.from_numpy(x)).numpy()
+            assert not np.allclose(forced, truth, rtol=1e-3, atol=1e-6)
 
 
 def test_report_rows_builder_on_a_tiny_model(monkeypatch):
