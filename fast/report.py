@@ -846,7 +846,7 @@ def fpq_rows(ctx: Context) -> list[Row]:
     counts = [fp_linears[n].weight.numel() for n in names]
     search_note = (
         f"search: {FPQ_SEARCH['n_candidates'] + 1} candidates, {FPQ_SEARCH['rounds']} rounds, "
-        f"<= {FPQ_SEARCH['max_tokens']} tokens (code: 101, 3, all)"
+        f"<= {FPQ_SEARCH['max_tokens']} tokens (code: 101, 3, all); embeddings not quantized"
     )
 
     class _MinMaxInt(nn.Module):

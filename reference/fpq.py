@@ -63,6 +63,10 @@ Deviations from the official code, and why
   activation shift k_c to the exponent bias of weight column c. Re-reading the same FP codes with
   bias ``b_o + k_c`` multiplies them by exactly 2^-k_c, so the folded layer's products are the
   simulated layer's products bit for bit (see ``fold_preshift`` for the condition).
+
+Not implemented: the embedding-table quantizer (spec section 1.6, the "E" of the paper's E/W/A
+bit-widths) and quantization-error propagation through earlier layers during calibration; the
+report's FPQ rows quantize the linear layers' weights and inputs (W/A) only, and say so.
 """
 
 from __future__ import annotations
