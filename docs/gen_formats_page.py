@@ -143,6 +143,18 @@ def render() -> str:
         "format: powers of two only, no zero and no subnormals. Parse any of them with "
         '`parse_format("e2m1")`, `parse_format("e4m3fn")`, `parse_format("int4")`.',
         "",
+        "## Where lowbit goes beyond the design sketch",
+        "",
+        "* `FPFormat` has a sixth field, `subnormals` (default `True`). The five fields of the first "
+        "design could not describe E8M0FNU, whose exponent field 0 is the normal value 2^-127 and "
+        "which has no zero; `subnormals=False` says exactly that, and no format is special-cased.",
+        "* `quantize` returns the input's dtype (fake quantization, the values of "
+        "`x.astype(ml_dtypes.<fmt>).astype(x.dtype)`), and `decode` takes `dtype=` (float32 "
+        "by default, float64 on request in the reference).",
+        "* Ties round to the even *integer significand* (implicit bit included). For M >= 1 this "
+        "is IEEE's rule; for M = 0 (E3M0, E8M0) ties inside a binade go up, as in ml_dtypes and "
+        "LLM-FP4's `torch.round(x / step)`.",
+        "",
         "## Float formats",
         "",
         *_limits_table(),
