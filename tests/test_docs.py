@@ -262,10 +262,11 @@ def _first_line(docstring: str) -> str:
     return "".join(docstring.strip().splitlines()[0].replace("`", "").split())
 
 
-def test_site_builds_strict_with_docstrings(tmp_path):
-    """`mkdocs build --strict` without executing the tutorials (CI builds with them)."""
+def _build_site(tmp_path, execute: bool):
+    """`mkdocs build --strict` into tmp_path/site, executing the tutorials or not."""
     pytest.importorskip("mkdocs", reason="needs the docs extra: pip install -e '.[docs]'")
-    env = dict(os.environ, LOWBIT_DOCS_EXECUTE="false", NO_MKDOCS_2_WARNING="1")
+    env = dict(os.environ, LOWBIT_DOCS_EXECUTE=str(execute).lower(), NO_MKDOCS_2_WARNING="1")
+    env.pop("MPLBACKEND", None)  # conftest sets Agg; the notebook kernel needs its inline backend
     site = tmp_path / "site"
     result = subprocess.run(
         [sys.executable, "-m", "mkdocs", "build", "--strict", "-d", str(site)],
@@ -273,9 +274,15 @@ def test_site_builds_strict_with_docstrings(tmp_path):
         env=env,
         capture_output=True,
         text=True,
-        timeout=600,
+        timeout=900,
     )
     assert result.returncode == 0, result.stderr[-5000:]
+    return site
+
+
+def test_site_builds_strict_with_docstrings(tmp_path):
+    """`mkdocs build --strict` without executing the tutorials (CI builds with them)."""
+    site = _build_site(tmp_path, execute=False)
     api = _text((site / "api" / "formats" / "index.html").read_text(encoding="utf-8"))
     # the docstrings reached the page: griffe found lowbit.* through the .docs-pkg link tree
     for function in (F.encode, F.quantize_mx, F.FPFormat):
@@ -291,19 +298,7 @@ def test_site_builds_strict_with_docstrings(tmp_path):
 @pytest.mark.slow
 def test_site_renders_tutorial_outputs_and_plots(tmp_path):
     """The real docs build (as in CI): tutorials are executed and their plots embedded."""
-    pytest.importorskip("mkdocs", reason="needs the docs extra: pip install -e '.[docs]'")
-    env = dict(os.environ, LOWBIT_DOCS_EXECUTE="true", NO_MKDOCS_2_WARNING="1")
-    env.pop("MPLBACKEND", None)  # conftest sets Agg; the notebook kernel needs its inline backend
-    site = tmp_path / "site"
-    result = subprocess.run(
-        [sys.executable, "-m", "mkdocs", "build", "--strict", "-d", str(site)],
-        cwd=ROOT,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-    )
-    assert result.returncode == 0, result.stderr[-5000:]
+    site = _build_site(tmp_path, execute=True)
     page = (site / "tutorials" / "01-number-formats" / "index.html").read_text(encoding="utf-8")
     assert page.count('class="jp-RenderedImage') >= 3, "tutorial 01 has at least three plots"
     assert "0 mismatching codes" in page  # an executed output cell, not just the source
