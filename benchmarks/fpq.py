@@ -5,6 +5,14 @@ integer bias, a per-row real bias and a per-column real bias, for ``encode``, an
 ``search`` (P5); every pair is checked bit for bit (search: same formats and biases) before it is
 timed.
 
+CPU search (always, two torch threads): the batched search of ``lowbit.fast.fpq`` against a
+faithful copy of the search it replaced (``_old_search`` below: one quantize + GEMM per
+candidate, and only the incumbent format's biases tuned, the bug the rewrite fixed) on
+report-like layers (256 tokens, 384 -> 384 and 384 -> 1536, W4A4, baseline and pre-shifted), at
+the report's grid (20 candidates, 2 rounds) and the code's defaults (100, 3). The new search
+does more work (it tunes every candidate format), so two ratios: wall time per search, and
+time per scored candidate (quantize + GEMM + error of one candidate bias or format).
+
 GPU (only when CUDA is available): PERF M4 (one-pass fake quant, E2M1 / E3M0 / E4M3, per-tensor
 and per-channel real bias, bf16 in/out) against same-run copy bandwidth and the eager torch path;
 M5-like encode to one uint8 code per element (the 4-bit nibble packing is a separate step here,
@@ -100,6 +108,207 @@ def cpu_section(n: int, repeat: int) -> tuple[dict, list[tuple[str, str, float, 
             "search (21 candidates, 2 rounds, FPQ) 256x384->384",
             med(times["ref"]) / med(times["fast"]),
             "fast (fp32 GEMMs) vs reference (x)",
+        )
+    )
+    return raw, table
+
+
+# ---- the search this module's batched search replaced (baseline for the timing only) -------------
+# A faithful copy of lowbit.fast.fpq.search before the batched rewrite: one Python iteration of
+# quantize + GEMM per candidate, and each bias step tunes only the incumbent format (the bug the
+# rewrite fixed: the format step then compared a searched incumbent with min-max others). Do not
+# use it for anything but this timing.
+
+
+def _old_search(
+    x, w, b=None, *, wbits=4, abits=4, preshifted=False, gamma1=0.01, gamma2=1.2,
+    n_candidates=100, rounds=3, search_space="bias",
+):  # fmt: skip
+    from lowbit.reference.fpq import _candidates
+
+    wfmts, afmts = ref.default_formats(wbits), ref.default_formats(abits)
+    work = torch.float64 if x.dtype == torch.float64 else torch.float32
+    x, w = x.to(work), w.to(work)
+    dev = x.device
+    bias_vec = torch.zeros(w.shape[0], dtype=work, device=dev) if b is None else b.to(work)
+    y_fp = x @ w.T + bias_vec
+    factors = (
+        gamma1
+        + torch.arange(n_candidates + 1, dtype=torch.float64, device=dev)
+        * (gamma2 - gamma1)
+        / n_candidates
+    )
+    log2_factors = torch.from_numpy(np.log2(factors.cpu().numpy())).to(dev)
+    w_absmax = w.abs().amax(dim=1)
+    w_b0 = [fast.bias_from_max(w_absmax, f) for f in wfmts]
+    w_cur = [v.clone() for v in w_b0]
+    if preshifted:
+        a_b0c = [fast.bias_from_max(x.abs().amax(dim=0), f) for f in afmts]
+        a_b0 = [v.min() for v in a_b0c]
+    else:
+        a_b0 = [fast.bias_from_max(x.abs().amax(), f) for f in afmts]
+    a_cur = [v.clone() for v in a_b0]
+
+    def mse(y, dim=None):
+        d = y.sub_(y_fp).square_()
+        return d.mean() if dim is None else d.mean(dim=dim)
+
+    def a_effective(j, t):
+        if not preshifted:
+            return t
+        t_out, k = fast.preshift(a_b0c[j], afmts[j], tensor_bias=t)
+        return t_out + k
+
+    def output(iw, wb, ia, ab):
+        return fast.linear(x, w, afmts[ia], a_effective(ia, ab), wfmts[iw], wb, bias_vec)
+
+    iw = min(range(len(wfmts)), key=lambda i: abs(wfmts[i].mbits - (wbits - 1) // 2))
+    ia = min(range(len(afmts)), key=lambda i: abs(afmts[i].mbits - (abits - 1) // 2))
+    for _ in range(int(rounds)):
+        for step in ("wb", "ab", "wf", "af") if preshifted else ("wb", "wf", "ab", "af"):
+            if step == "wb":
+                Xq = fast.quantize(x, afmts[ia], a_effective(ia, a_cur[ia])).to(work)
+                cands = torch.cat(
+                    [
+                        w_cur[iw][None],
+                        w_b0[iw][None],
+                        _candidates(w_b0[iw], factors, log2_factors, search_space),
+                    ]
+                )
+                best_err = torch.full((w.shape[0],), float("inf"), dtype=work, device=dev)
+                best = w_cur[iw].clone()
+                for cand in cands:
+                    Wq = fast.quantize(w, wfmts[iw], cand[:, None]).to(work)
+                    err = mse(Xq @ Wq.T + bias_vec, dim=0)
+                    better = err < best_err
+                    best = torch.where(better, cand, best)
+                    best_err = torch.where(better, err, best_err)
+                w_cur[iw] = best
+            elif step == "ab":
+                cands = torch.cat(
+                    [
+                        a_cur[ia][None],
+                        a_b0[ia][None],
+                        _candidates(a_b0[ia], factors, log2_factors, search_space),
+                    ]
+                )
+                Wq = fast.quantize(w, wfmts[iw], w_cur[iw][:, None]).to(work)
+                errs = torch.stack(
+                    [
+                        mse(
+                            fast.quantize(x, afmts[ia], a_effective(ia, c)).to(work) @ Wq.T
+                            + bias_vec
+                        )
+                        for c in cands
+                    ]
+                )
+                a_cur[ia] = cands[int(torch.argmin(errs))]
+            elif step == "wf":
+                errs = torch.stack(
+                    [mse(output(j, w_cur[j], ia, a_cur[ia])) for j in range(len(wfmts))]
+                )
+                iw = int(torch.argmin(errs))
+            else:
+                errs = torch.stack(
+                    [mse(output(iw, w_cur[iw], j, a_cur[j])) for j in range(len(afmts))]
+                )
+                ia = int(torch.argmin(errs))
+    return wfmts[iw], afmts[ia], float(mse(output(iw, w_cur[iw], ia, a_cur[ia])))
+
+
+def _count_new_evaluations(fn) -> int:
+    """Candidates the batched search scores in its bias steps (counted at its batched
+    quantizer: each call quantizes one batch of candidates)."""
+    count = 0
+    inner = fast._fake_quant_into
+
+    def counting(x, fmt, b, *args):
+        nonlocal count
+        count += b.shape[0]
+        return inner(x, fmt, b, *args)
+
+    fast._fake_quant_into = counting
+    try:
+        fn()
+    finally:
+        fast._fake_quant_into = inner
+    return count
+
+
+def search_section(quick: bool) -> tuple[dict, list[tuple[str, str, float, str]]]:
+    """The batched search against ``_old_search`` at two torch threads (see the module docstring).
+    Scored candidates: old rounds * 2 * (n + 3) bias candidates; new: counted; both add
+    rounds * (3 + 3) + 1 format evaluations. Also the time of the new search's bias-candidate
+    GEMMs alone ((tokens, in) @ (in, out) in float32 each), the floor of any exact search that
+    scores those candidates."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2)
+    rng = np.random.default_rng(1)
+    T, d_in = 256, 384
+    X = rng.standard_normal((T, d_in)) * np.exp(rng.standard_normal(d_in))
+    X[:, rng.choice(d_in, size=4, replace=False)] *= 20.0  # outlier channels, as in BERT
+    Xt = torch.from_numpy(X).float()
+    grids = [(20, 2)] if quick else [(20, 2), (100, 3)]
+    raw: dict = {}
+    table = []
+    totals = {"old": 0.0, "new": 0.0}
+    try:
+        for d_out in (384, 1536):
+            Wt = torch.from_numpy(rng.standard_normal((d_out, d_in)) * 0.05).float()
+            for n_cand, rounds in grids:
+                for preshifted in (False, True):
+                    kw = dict(n_candidates=n_cand, rounds=rounds, preshifted=preshifted)
+                    n_new = _count_new_evaluations(lambda: fast.search(Xt, Wt, **kw))
+                    n_fmt = rounds * 6 + 1
+                    n_old = rounds * 2 * (n_cand + 3) + n_fmt
+                    n_new += n_fmt
+                    times = interleaved(
+                        {
+                            "old": lambda: _old_search(Xt, Wt, **kw),
+                            "new": lambda: fast.search(Xt, Wt, **kw),
+                        },
+                        1 if quick else 3,
+                    )
+                    t_old, t_new = med(times["old"]), med(times["new"])
+                    if (n_cand, rounds) == (20, 2):
+                        totals["old"] += t_old
+                        totals["new"] += t_new
+                    # lower bound of any exact search scoring the same candidates: their GEMMs
+                    Xq, Wq = Xt.clone(), Wt.clone()
+                    gemm = med(interleaved({"gemm": lambda: Xq @ Wq.T}, 20)["gemm"])
+                    floor = gemm * (n_new - n_fmt)
+                    tag = f"{T}x{d_in}->{d_out} {'FPQ' if preshifted else 'base'} n={n_cand} r={rounds}"
+                    raw[tag] = {
+                        **times,
+                        "evaluations_old": n_old,
+                        "evaluations_new": n_new,
+                        "gemm_s": gemm,
+                    }
+                    table.append(("search", f"{tag}: {t_old:.3f} s -> {t_new:.3f} s", t_old / t_new, "old / new, per search (x)"))  # fmt: skip
+                    table.append(
+                        (
+                            "search",
+                            f"{tag}: {n_old} -> {n_new} candidates scored",
+                            (t_old / n_old) / (t_new / n_new),
+                            "old / new, per scored candidate (x)",
+                        )
+                    )
+                    table.append(
+                        (
+                            "search",
+                            f"{tag}: GEMMs alone {floor:.3f} s",
+                            t_new / floor,
+                            "new / its candidates' fp32 GEMMs (x, >= 1)",
+                        )
+                    )
+    finally:
+        torch.set_num_threads(threads)
+    table.append(
+        (
+            "search",
+            f"all n=20 r=2 searches: {totals['old']:.2f} s -> {totals['new']:.2f} s",
+            totals["old"] / totals["new"],
+            "old / new, the report's grid (x)",
         )
     )
     return raw, table
@@ -210,7 +419,9 @@ def main() -> None:
         "n": n,
     }
     raw, table = cpu_section(n, repeat)
-    result = {"context": context, "cpu": raw}
+    sraw, stable = search_section(args.quick)
+    table += stable
+    result = {"context": context, "cpu": raw, "cpu_search_2_threads": sraw}
     if torch.cuda.is_available():
         graw, gtable = gpu_section(args.quick)
         result["gpu"] = graw

@@ -37,6 +37,7 @@ NAV_INSERT_BEFORE = "Benchmarks"  # the generated nav sections go in front of th
 # API page titles and order; modules not listed here are appended alphabetically.
 API_TITLES = {
     "formats": "Number formats",
+    "uniform": "Uniform integer quantizer",
     "llm_int8": "LLM.int8()",
     "fpq": "LLM-FP4 (FPQ)",
     "omniquant": "OmniQuant",
@@ -85,7 +86,12 @@ def api_modules() -> dict[str, list[str]]:
     """Module name -> subpackages that define it, for public modules (no leading underscore)."""
     found: dict[str, list[str]] = {}
     for sub in SUBPACKAGES:
-        for path in sorted((ROOT / sub).glob("*.py")):
+        # modules (name.py) and packages (name/__init__.py: nn, report)
+        paths = [
+            *(ROOT / sub).glob("*.py"),
+            *(p.parent for p in (ROOT / sub).glob("*/__init__.py")),
+        ]
+        for path in sorted(paths, key=lambda p: p.stem):
             if not path.stem.startswith("_"):
                 found.setdefault(path.stem, []).append(sub)
     order = list(API_TITLES)
@@ -119,6 +125,21 @@ def api_page(stem: str, subs: list[str]) -> str:
             f"::: lowbit.{sub}.{stem}",
             "",
         ]
+        # a package (fast/nn/: one file per method): each public submodule gets its section
+        rank = {name: i for i, name in enumerate(API_TITLES)}
+        submodules = sorted(
+            (ROOT / sub / stem).glob("[!_]*.py"),
+            key=lambda p: (rank.get(p.stem, len(rank)), p.stem),
+        )
+        for path in submodules:
+            lines += [
+                f"### `lowbit.{sub}.{stem}.{path.stem}`",
+                "",
+                f"::: lowbit.{sub}.{stem}.{path.stem}",
+                "    options:",
+                "      heading_level: 4",
+                "",
+            ]
     return "\n".join(lines)
 
 

@@ -1,32 +1,49 @@
 """Swap quantized modules into any model and back, and save/load quantized models.
 
-Works on any ``nn.Module`` tree (Hugging Face BERT and LLaMA families included): the
-functions only look at ``nn.Linear`` leaves and at modules that follow the quantized-module
-protocol of ``lowbit.fast.nn`` (``to_linear()``, ``lowbit_config()``, ``from_config()``).
+Works on any ``nn.Module`` tree (Hugging Face BERT, LLaMA and GPT-2 families included): the
+functions only look at ``nn.Linear`` leaves, at Hugging Face ``Conv1D`` leaves (GPT-2's linear
+layers, weight stored transposed) and at modules that follow the quantized-module protocol of
+``lowbit.fast.nn`` (``to_linear()``, ``lowbit_config()``, ``from_config()``).
 
 Public functions:
 
 * ``replace_linears(model, make, *, skip=("lm_head",), progress=True)``: for every
-  ``nn.Linear`` whose qualified name does not end with an entry of ``skip``, call
-  ``make(name, linear)`` and swap in what it returns (``None`` leaves the layer alone).
+  ``nn.Linear`` or ``Conv1D`` whose qualified name does not end with an entry of ``skip``, call
+  ``make(name, linear)`` and swap in what it returns (``None`` leaves the layer alone). A
+  ``Conv1D`` is handed to ``make`` as the equivalent ``nn.Linear``, so every quantized module
+  works on GPT-2 unchanged. Warns when nothing was replaced.
 * ``restore_linears(model)``: swap every quantized module back to the plain ``nn.Linear``
-  its ``to_linear()`` returns (dequantized weights).
+  its ``to_linear()`` returns (dequantized weights; a former ``Conv1D`` comes back as an
+  equivalent ``nn.Linear``).
+* ``conv1d_to_linear(conv)``: the ``nn.Linear`` equivalent to a ``Conv1D`` (weight transposed).
 * ``save_quantized(model, path)``: one safetensors file (atomic write) with the full state
   dict and, in its metadata, which modules are quantized and how (``"lowbit"`` key).
 * ``load_quantized(model, path)``: rebuild the quantized modules into a freshly built
   full-precision skeleton from that metadata, then load the state dict strictly.
+
+transformers is optional: ``Conv1D`` is recognised by its class name, its ``nf`` attribute and
+its 2-D weight, never imported.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import warnings
 from collections.abc import Callable, Iterable
+from typing import cast
 
+import torch
 from lowbit.fast._io import atomic_write_bytes
 from torch import nn
 
-__all__ = ["replace_linears", "restore_linears", "save_quantized", "load_quantized"]
+__all__ = [
+    "replace_linears",
+    "restore_linears",
+    "save_quantized",
+    "load_quantized",
+    "conv1d_to_linear",
+]
 
 METADATA_KEY = "lowbit"
 
@@ -42,6 +59,48 @@ def _skipped(name: str, skip: Iterable[str]) -> bool:
     return any(name == s or name.endswith("." + s) for s in skip)
 
 
+def _is_conv1d(module: nn.Module) -> bool:
+    """A Hugging Face ``transformers.pytorch_utils.Conv1D`` (GPT-2, GPT-1): ``y = x @ W + b``
+    with W stored (in, out) and ``nf`` = out features. Recognised without importing
+    transformers."""
+    weight = getattr(module, "weight", None)
+    return (
+        type(module).__name__ == "Conv1D"
+        and isinstance(getattr(module, "nf", None), int)
+        and isinstance(weight, torch.Tensor)
+        and weight.ndim == 2
+        and weight.shape[1] == module.nf
+    )
+
+
+def conv1d_to_linear(conv: nn.Module) -> nn.Linear:
+    """The ``nn.Linear`` that computes what a Hugging Face ``Conv1D`` computes.
+
+    Its weight is the Conv1D weight transposed to (out, in) and made contiguous (a copy), its
+    bias a copy of the Conv1D bias; dtype, device and ``requires_grad`` are kept. The outputs
+    agree up to float rounding (``torch.addmm`` on W vs ``linear`` on W.T may sum in another
+    order).
+
+    Raises:
+        ValueError: ``conv`` is not a Conv1D (class name ``Conv1D``, int ``nf``, 2-D weight).
+    """
+    if not _is_conv1d(conv):
+        raise ValueError(
+            f"conv1d_to_linear expects a transformers Conv1D (nf attribute, (in, nf) weight), got {type(conv).__name__}"
+        )
+    weight = cast(torch.Tensor, conv.weight)  # (in, out)
+    bias = cast("torch.Tensor | None", getattr(conv, "bias", None))  # (out,)
+    in_features, out_features = weight.shape
+    # built on the meta device: no random init of a weight that is overwritten at once
+    linear = nn.Linear(in_features, out_features, bias=bias is not None, device="meta")
+    linear.weight = nn.Parameter(
+        weight.detach().t().contiguous(), requires_grad=weight.requires_grad
+    )  # (out, in)
+    if bias is not None:
+        linear.bias = nn.Parameter(bias.detach().clone(), requires_grad=bias.requires_grad)
+    return linear
+
+
 def replace_linears(
     model: nn.Module,
     make: Callable[[str, nn.Linear], nn.Module | None],
@@ -49,10 +108,19 @@ def replace_linears(
     skip: tuple[str, ...] = ("lm_head",),
     progress: bool = True,
 ) -> nn.Module:
-    """Swap ``make(name, linear)`` in for every ``nn.Linear`` not named in ``skip``; return ``model``.
+    """Swap ``make(name, linear)`` in for every linear layer not named in ``skip``; return ``model``.
+
+    The linear layers are the ``nn.Linear`` submodules and the Hugging Face ``Conv1D`` ones
+    (GPT-2). A ``Conv1D`` is first converted to the equivalent ``nn.Linear``
+    (``conv1d_to_linear``: weight transposed to (out, in)), and ``make`` receives that, so every
+    quantized module of ``lowbit.fast.nn`` works on it unchanged; if ``make`` returns ``None``
+    the original ``Conv1D`` stays in place.
 
     The list of linears is taken before any swap, so a ``make`` that returns a module
-    containing linears does not recurse. ``make`` returning ``None`` keeps the layer.
+    containing linears does not recurse. ``make`` returning ``None`` keeps the layer. When
+    nothing was replaced (no linear layer, all of them in ``skip``, or ``make`` returned
+    ``None`` for all) a ``UserWarning`` says so and ``model`` is returned unchanged. The root
+    module itself is never swapped.
     """
     if not callable(make):
         raise ValueError(
@@ -60,25 +128,44 @@ def replace_linears(
         )
     if isinstance(skip, str):
         skip = (skip,)
-    targets = [
+    linears = [
         (name, mod)
         for name, mod in model.named_modules()
-        if isinstance(mod, nn.Linear) and name and not _skipped(name, skip)
+        if name and (isinstance(mod, nn.Linear) or _is_conv1d(mod))
     ]
-    iterator: Iterable[tuple[str, nn.Linear]] = targets
+    targets = [(name, mod) for name, mod in linears if not _skipped(name, skip)]
+    iterator: Iterable[tuple[str, nn.Module]] = targets
     if progress and targets:
         from tqdm.auto import tqdm
 
         iterator = tqdm(targets, desc="quantizing linears", leave=False)
-    for name, linear in iterator:
+    replaced = 0
+    for name, mod in iterator:
+        linear = mod if isinstance(mod, nn.Linear) else conv1d_to_linear(mod)
         new = make(name, linear)
         if new is not None:
             _set_submodule(model, name, new)
+            replaced += 1
+    if not replaced:
+        if not linears:
+            why = "the model has no nn.Linear or Conv1D submodule"
+        else:
+            why = (
+                f"of its {len(linears)} nn.Linear/Conv1D layers {len(linears) - len(targets)} "
+                f"matched skip={skip!r} and `make` returned None for the other {len(targets)}"
+            )
+        warnings.warn(f"replace_linears replaced nothing: {why}", stacklevel=2)
     return model
 
 
 def restore_linears(model: nn.Module) -> nn.Module:
-    """Swap every module with a ``to_linear()`` method back to its plain ``nn.Linear``."""
+    """Swap every module with a ``to_linear()`` method back to its plain ``nn.Linear``.
+
+    The restored model computes what the quantized one computed with dequantized weights, but
+    is not identical in class: a layer that was a Hugging Face ``Conv1D`` before
+    ``replace_linears`` comes back as the equivalent ``nn.Linear`` (weight (out, in)), so code
+    that expects ``Conv1D`` there (e.g. GPT-2's ``prune_heads``) does not apply to it.
+    """
     targets = [
         (name, mod)
         for name, mod in model.named_modules()

@@ -51,7 +51,9 @@ Deviations from the official code, and why
 * ``search``: all k + 1 candidates are scored (the code's ``range(0, eq_n, ...)`` never scores the
   last one, factor 1.2), and the current bias and the min-max bias b0 itself (factor 1, which the
   default grid 0.01 + 0.0119 i never hits) stay candidates, so a search step never makes the layer
-  worse and planted exact answers stay reachable (the code can drift away from both). The 8-bit format search uses
+  worse and planted exact answers stay reachable (the code can drift away from both). Each bias step
+  quantizes the other tensor with its latest searched biases (the code: those committed at its last
+  format step, see ``search``). The 8-bit format search uses
   E = bits - 1 - M for the candidate actually scored (the code drops the +2 mantissa offset in
   ``_search_best_a_format`` and the baseline's ``_search_best_w_format``).
 * Search direction: by default a candidate is ``factor * b0`` (the code multiplies the *bias*,
@@ -485,8 +487,30 @@ def search(
     bias, with the integer shifts fixed from the per-channel min-max biases. Formats: one per
     tensor from ``w_formats`` / ``a_formats`` (default ``default_formats(bits)``), starting from
     the one with M closest to (bits - 1) / 2 rounded down (E2M1 at 4 bits, E4M3 at 8).
-    Order per round: baseline w-bias, w-format, a-bias, a-format; FPQ w-bias, a-bias, w-format,
-    a-format.
+
+    Each format keeps its own biases (the code's ``w_intervals[m]`` / ``a_intervals[m]``), and
+    every bias step tunes **every** candidate format, as the code's ``_search_best_w_interval``
+    and ``_search_best_a_interval`` do (they loop over all mantissa widths): the weight-bias step
+    tunes each weight format's per-channel biases with X quantized by the current activation
+    format and bias; the activation-bias step tunes each activation format's bias with W
+    quantized by the current weight format and its biases. A format step then compares the
+    *searched* biases of every candidate format (spec 1.4: "for each candidate M, quantize with
+    that M's current best biases"). Order per round (spec 1.4): baseline w-bias, w-format,
+    a-bias, a-format; FPQ w-bias, a-bias, w-format, a-format. The candidate list of every bias
+    step is [current, b0, grid]; the first of equal errors wins, so a step never moves away from
+    an equally good current bias.
+
+    "Current" means the latest searched biases of the current formats. The code instead quantizes
+    the other tensor with the parameters committed at its last *format* step (``self.w_interval``
+    / ``self.a_interval`` are only reassigned there), so in its FPQ order the activation-bias step
+    and the weight-format step see the other tensor's biases of the previous round (min-max in
+    the first round); here they see the ones searched just before. The baseline order is the
+    same in both.
+
+    This is coordinate descent: every step is an exact minimisation over its candidates, so the
+    result is never worse than the min-max start, but a joint search over 3 x 3 formats is not
+    guaranteed to reach the best of the nine single-format searches (it can settle at another
+    fixed point of the bias steps).
     """
     x = np.asarray(x, dtype=np.float64)  # (tokens, in)
     w = np.asarray(w, dtype=np.float64)  # (out, in)
@@ -526,31 +550,39 @@ def search(
     ia = min(range(len(afmts)), key=lambda i: abs(afmts[i].mbits - (abits - 1) // 2))
 
     def search_w_bias() -> None:
+        """Every weight format j: per output channel, the best of its candidates, with the
+        activations quantized by the current activation format and bias (the code's
+        ``_search_best_w_interval`` loops over every mantissa width)."""
         Xq = quantize(x, afmts[ia], a_effective(ia, a_cur[ia]))  # (tokens, in), fixed here
-        cands = np.concatenate(
-            [
-                w_cur[iw][None],
-                w_b0[iw][None],
-                _candidates(w_b0[iw], factors, log2_factors, search_space),
-            ]
-        )
-        best_err = np.full(w.shape[0], np.inf)  # (out,)
-        best = w_cur[iw].copy()
-        for cand in cands:  # (out,) one candidate bias per output channel
-            Wq = quantize(w, wfmts[iw], cand[:, None])  # (out, in)
-            err = _mse(y_fp, Xq @ Wq.T + bias_vec, axis=0)  # (out,) per output column
-            better = err < best_err
-            best = np.where(better, cand, best)
-            best_err = np.where(better, err, best_err)
-        w_cur[iw] = best
+        for j, fmt in enumerate(wfmts):
+            cands = np.concatenate(
+                [
+                    w_cur[j][None],
+                    w_b0[j][None],
+                    _candidates(w_b0[j], factors, log2_factors, search_space),
+                ]
+            )  # (n_cand, out): the current bias first, so it wins ties
+            best_err = np.full(w.shape[0], np.inf)  # (out,)
+            best = w_cur[j].copy()  # (out,)
+            for cand in cands:  # (out,) one candidate bias per output channel
+                Wq = quantize(w, fmt, cand[:, None])  # (out, in)
+                err = _mse(y_fp, Xq @ Wq.T + bias_vec, axis=0)  # (out,) per output column
+                better = err < best_err  # strict: the first of equal errors wins
+                best = np.where(better, cand, best)
+                best_err = np.where(better, err, best_err)
+            w_cur[j] = best
 
     def search_a_bias() -> None:
-        b0 = np.asarray(a_b0[ia])
-        cands = np.concatenate(
-            [a_cur[ia][None], b0[None], _candidates(b0, factors, log2_factors, search_space)]
-        )
-        errs = [_mse(y_fp, output(iw, w_cur[iw], ia, c)) for c in cands]
-        a_cur[ia] = cands[int(np.argmin(errs))]
+        """Every activation format j: the best of its candidates for the tensor (part of the)
+        bias, with the current weight format and its current biases (the code's
+        ``_search_best_a_interval`` loops over every mantissa width)."""
+        for j in range(len(afmts)):
+            b0 = np.asarray(a_b0[j])
+            cands = np.concatenate(
+                [a_cur[j][None], b0[None], _candidates(b0, factors, log2_factors, search_space)]
+            )  # (n_cand,)
+            errs = [_mse(y_fp, output(iw, w_cur[iw], j, c)) for c in cands]
+            a_cur[j] = cands[int(np.argmin(errs))]  # argmin: the first of equal errors wins
 
     def search_w_format() -> int:
         errs = [_mse(y_fp, output(j, w_cur[j], ia, a_cur[ia])) for j in range(len(wfmts))]

@@ -7,7 +7,8 @@
 * ``bit_patterns``: arrays of raw fp16/bf16/fp32 bit patterns (every class: zeros, subnormals,
   normals, Inf, NaN).
 * ``fp_formats`` / ``int_formats``: random ExMy formats (ebits + mbits <= 7, all three
-  ``specials``, signed and unsigned) and n-bit ints — defined next to the formats section.
+  ``specials``, signed and unsigned) and n-bit ints; ``fpq_formats``: LLM-FP4's (signed, no
+  reserved code).
 """
 
 from __future__ import annotations
@@ -108,6 +109,10 @@ def fp_formats(draw, max_bits: int = 8, specials=("none", "fn", "ieee"), signed=
         from hypothesis import reject
 
         reject()
+
+
+# LLM-FP4's formats reserve no code (specials "none") and are signed; shared by FPQ's pairs and tests.
+fpq_formats = fp_formats(specials=("none",), signed=True)
 
 
 def int_formats(max_bits: int = 8):

@@ -289,6 +289,11 @@ def test_site_builds_strict_with_docstrings(tmp_path):
         assert _first_line(function.__doc__) in api, f"docstring of {function.__name__} missing"
     fast = importlib.import_module("lowbit.fast.formats")
     assert _first_line(fast.__doc__) in api
+    # the quantized-module package: the base and registry, and each method file's class
+    qnn = importlib.import_module("lowbit.fast.nn")
+    nn_page = _text((site / "api" / "nn" / "index.html").read_text(encoding="utf-8"))
+    for obj in (qnn.QuantizedLinear, qnn.register_module, qnn.Linear8bitLt, qnn.FPQLinear):
+        assert _first_line(obj.__doc__) in nn_page, f"docstring of {obj.__name__} missing"
     formats_page = _text((site / "formats" / "index.html").read_text(encoding="utf-8"))
     assert "e4m3fn" in formats_page and "448" in formats_page
     for tutorial in sorted((ROOT / "tutorials").glob("[0-9][0-9]-*.py")):

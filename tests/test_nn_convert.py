@@ -1,14 +1,36 @@
-"""Linear8bitLt (lowbit.fast.nn) and model conversion / safetensors round trip (lowbit.fast.convert),
-on toy layers, a tiny LLaMA built from a config, and the real all-MiniLM-L6-v2."""
+"""Linear8bitLt (lowbit.fast.nn), the module registry, and model conversion / safetensors round
+trip (lowbit.fast.convert), on toy layers, a tiny LLaMA and a tiny GPT-2 (Conv1D layers) built
+from configs, and the real all-MiniLM-L6-v2."""
 
 from __future__ import annotations
 
+import copy
+import importlib
+import inspect
+import pkgutil
+import warnings
+from pathlib import Path
+
+import lowbit.fast
+import lowbit.fast.nn as qnn
 import numpy as np
 import pytest
 import torch
 from lowbit.fast import llm_int8 as F
-from lowbit.fast.convert import load_quantized, replace_linears, restore_linears, save_quantized
-from lowbit.fast.nn import QUANTIZED_MODULES, Linear8bitLt
+from lowbit.fast.convert import (
+    conv1d_to_linear,
+    load_quantized,
+    replace_linears,
+    restore_linears,
+    save_quantized,
+)
+from lowbit.fast.nn import (
+    QUANTIZED_MODULES,
+    FPQLinear,
+    Linear8bitLt,
+    QuantizedLinear,
+    register_module,
+)
 from lowbit.reference import llm_int8 as R
 from torch import nn
 
@@ -114,6 +136,272 @@ def test_convert_llama_skips_lm_head_and_round_trips(tmp_path):
     assert not any(isinstance(m, Linear8bitLt) for m in fresh.modules())
     with pytest.raises(ValueError, match="does not exist"):
         load_quantized(_tiny_llama(), tmp_path / "missing.safetensors")
+
+
+# ---- the module package and its registry ------------------------------------------------------
+
+
+def test_nn_is_a_package_whose_method_files_all_register():
+    """lowbit.fast.nn is listed as "nn" (tests/pairs.py's TORCH_ONLY_MODULES relies on it), every
+    method file in fast/nn/ is imported by the package (its one registration line), and each
+    QuantizedLinear class defined there is registered and re-exported under its name."""
+    infos = {m.name: m for m in pkgutil.iter_modules(lowbit.fast.__path__)}
+    assert "nn" in infos and infos["nn"].ispkg
+    methods = [m.name for m in pkgutil.iter_modules(qnn.__path__)]
+    assert {"llm_int8", "fpq"} <= set(methods)
+    defined = []
+    for name in methods:
+        module = importlib.import_module(f"lowbit.fast.nn.{name}")
+        classes = [
+            c
+            for c in vars(module).values()
+            if inspect.isclass(c)
+            and issubclass(c, QuantizedLinear)
+            and c.__module__ == module.__name__
+        ]
+        assert classes, f"fast/nn/{name}.py defines no QuantizedLinear subclass"
+        defined += classes
+    for cls in defined:
+        assert QUANTIZED_MODULES.get(cls.__name__) is cls, f"{cls.__name__} is not registered"
+        assert getattr(qnn, cls.__name__) is cls, (
+            f"lowbit.fast.nn does not re-export {cls.__name__}"
+        )
+    # the import line of each method file is in the package's __init__ (the registration line)
+    init = Path(qnn.__file__).read_text(encoding="utf-8")
+    for name in methods:
+        assert f"from lowbit.fast.nn.{name} import" in init, f"fast/nn/__init__.py lacks {name}"
+
+
+def test_registry_refuses_duplicate_names_and_non_modules():
+    assert QUANTIZED_MODULES["Linear8bitLt"] is Linear8bitLt
+    assert QUANTIZED_MODULES["FPQLinear"] is FPQLinear
+    assert register_module(Linear8bitLt) is Linear8bitLt  # the same class again: a no-op
+
+    class Linear8bitLt_(Linear8bitLt):  # noqa: N801
+        pass
+
+    Linear8bitLt_.__name__ = "Linear8bitLt"  # another class under a registered name
+    before = dict(QUANTIZED_MODULES)
+    with pytest.raises(ValueError, match="'Linear8bitLt' is already registered"):
+        register_module(Linear8bitLt_)
+
+    class NoConfig(torch.nn.Module):
+        def to_linear(self):
+            return torch.nn.Linear(1, 1)
+
+    with pytest.raises(ValueError, match="lacks from_config, lowbit_config"):
+        register_module(NoConfig)
+    with pytest.raises(ValueError, match="nn.Module subclass"):
+        register_module(object)  # type: ignore[arg-type]
+    assert QUANTIZED_MODULES == before  # nothing was added by the refused calls
+
+
+# ---- GPT-2: Hugging Face Conv1D layers --------------------------------------------------------
+
+GPT2_CONV1D = [f"transformer.h.{i}.{n}" for i in (0, 1) for n in
+               ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")]  # fmt: skip
+
+
+def _tiny_gpt2(seed: int = 0):
+    """GPT2LMHeadModel from a config (no download), Conv1D biases made non-zero (they init to 0)."""
+    transformers = pytest.importorskip("transformers")
+    cfg = transformers.GPT2Config(
+        n_layer=2, n_embd=64, n_head=4, vocab_size=100, n_positions=32,
+        bos_token_id=0, eos_token_id=0,
+    )  # fmt: skip
+    torch.manual_seed(seed)
+    model = transformers.GPT2LMHeadModel(cfg).eval()
+    with torch.no_grad():
+        for name in GPT2_CONV1D:
+            model.get_submodule(name).bias.normal_(0.0, 0.02)
+    return model
+
+
+def _linear_twin(model):
+    """The same model with each Conv1D replaced by a hand-made nn.Linear holding weight.T."""
+    twin = copy.deepcopy(model)
+    for name in GPT2_CONV1D:
+        conv = twin.get_submodule(name)
+        assert type(conv).__name__ == "Conv1D"
+        lin = nn.Linear(conv.nx, conv.nf)
+        with torch.no_grad():
+            lin.weight.copy_(conv.weight.T)  # Conv1D stores (in, out)
+            lin.bias.copy_(conv.bias)
+        parent, _, child = name.rpartition(".")
+        setattr(twin.get_submodule(parent), child, lin)
+    return twin
+
+
+def _gpt2_ids():
+    return torch.randint(0, 100, (2, 9), generator=torch.Generator().manual_seed(1))
+
+
+def _conv1d_inputs(model, ids):
+    """(tokens, in) inputs of each Conv1D on ids (the calibration set of the FPQ conversions)."""
+    inputs = {}
+    hooks = [
+        model.get_submodule(n).register_forward_pre_hook(
+            lambda mod, args, n=n: inputs.__setitem__(n, args[0].reshape(-1, args[0].shape[-1]))
+        )
+        for n in GPT2_CONV1D
+    ]
+    with torch.no_grad():
+        model(ids)
+    for h in hooks:
+        h.remove()
+    return inputs
+
+
+def test_conv1d_to_linear_is_the_transposed_layer():
+    pytest.importorskip("transformers")
+    from transformers.pytorch_utils import Conv1D
+
+    torch.manual_seed(3)
+    conv = Conv1D(nf=5, nx=7)
+    with torch.no_grad():
+        conv.bias.normal_()
+    lin = conv1d_to_linear(conv)
+    assert type(lin) is nn.Linear and (lin.in_features, lin.out_features) == (7, 5)
+    assert lin.weight.is_contiguous() and torch.equal(lin.weight, conv.weight.T)
+    assert torch.equal(lin.bias, conv.bias) and lin.bias.data_ptr() != conv.bias.data_ptr()
+    x = torch.randn(3, 4, 7)
+    # float32 sums of 7 products, possibly in another order: a few ulps of the largest term sum
+    torch.testing.assert_close(lin(x), conv(x), rtol=0, atol=16 * 2.0**-24 * 7 * 8.0)
+    with pytest.raises(ValueError, match="expects a transformers Conv1D"):
+        conv1d_to_linear(nn.Conv1d(7, 5, 1))
+
+
+@pytest.mark.parametrize(
+    "method, max_rel_err",
+    [
+        # int8 vector-wise weights and per-token activations: one step is absmax/127, and the
+        # 64..256-wide Gaussian rows/tokens of GPT-2 have absmax ~3 sigma, so each operand's
+        # rounding error has RMS ~3/127/sqrt(12) ~ 0.7 % of its scale, ~1 % per layer for both;
+        # the residual stream keeps 2 blocks from compounding it much (measured 0.6 %).
+        ("int8", 0.03),
+        # FP8 E4M3 weights and activations (3 mantissa bits): relative rounding error <= 2^-4,
+        # RMS ~2 % per operand, ~3 % per layer for both (measured 2.1 %).
+        ("fpq_e4m3", 0.06),
+        # FP4 E2M1 weights only (1 mantissa bit): relative error <= 2^-2, RMS ~7-10 % per
+        # weight, averaged over 64..256 products per output (measured 6.9 %).
+        ("fpq_w4", 0.15),
+    ],
+)
+def test_gpt2_conv1d_quantizes_like_the_equivalent_linear(tmp_path, method, max_rel_err):
+    """replace_linears on GPT-2's Conv1D layers builds the same quantized modules as on a
+    hand-made nn.Linear twin (bit-identical logits), close to the FP model; the safetensors round
+    trip into a fresh GPT-2 skeleton (other weights) is bit-identical; restore_linears gives
+    nn.Linear back."""
+    model, ids = _tiny_gpt2(), _gpt2_ids()
+    twin = _linear_twin(model)
+    with torch.no_grad():
+        ref = model(ids).logits
+        # the twin is the same function up to float32 summation order (sums of <= 256 terms)
+        torch.testing.assert_close(twin(ids).logits, ref, rtol=1e-5, atol=1e-5)
+    calib = _conv1d_inputs(model, ids)  # one calibration set for both models
+    make = {
+        "int8": lambda name, lin: Linear8bitLt.from_linear(lin, threshold=6.0),
+        "fpq_e4m3": lambda name, lin: FPQLinear.from_linear(
+            lin, w_format=(4, 3), a_format=(4, 3), calib_inputs=calib[name]
+        ),
+        "fpq_w4": lambda name, lin: FPQLinear.from_linear(lin, w_format=(2, 1), a_format=None),
+    }[method]
+    cls = FPQLinear if method.startswith("fpq") else Linear8bitLt
+    replace_linears(model, make, progress=False)
+    replace_linears(twin, make, progress=False)
+    assert all(isinstance(model.get_submodule(n), cls) for n in GPT2_CONV1D)
+    assert type(model.lm_head) is nn.Linear  # skipped by default (tied to the embeddings)
+    with torch.no_grad():
+        out = model(ids).logits
+        assert torch.equal(out, twin(ids).logits)
+    rel = float((out - ref).norm() / ref.norm())
+    assert 0 < rel < max_rel_err, rel
+    path = tmp_path / f"gpt2-{method}.safetensors"
+    save_quantized(model, path)
+    fresh = load_quantized(_tiny_gpt2(seed=1), path)
+    with torch.no_grad():
+        assert torch.equal(fresh(ids).logits, out)
+    restore_linears(fresh)
+    for n in GPT2_CONV1D:
+        assert type(fresh.get_submodule(n)) is nn.Linear
+    if method == "fpq_w4":  # weight-only: the restored linears compute exactly what it computed
+        with torch.no_grad():
+            assert torch.equal(fresh(ids).logits, out)
+
+
+def test_replace_linears_warns_when_it_replaced_nothing():
+    class Conv1D(nn.Module):  # a look-alike name with a 3-D (convolution) weight: not a linear
+        def __init__(self):
+            super().__init__()
+            self.nf = 4
+            self.weight = nn.Parameter(torch.zeros(4, 4, 3))
+
+    with pytest.warns(UserWarning, match="has no nn.Linear or Conv1D submodule"):
+        model = nn.Sequential(nn.ReLU(), Conv1D())
+        assert replace_linears(model, lambda n, m: Linear8bitLt.from_linear(m)) is model
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    with pytest.warns(
+        UserWarning, match=r"of its 2 .* 1 matched skip=\('2',\) .* None for the other 1"
+    ):
+        replace_linears(model, lambda n, m: None, skip=("2",), progress=False)
+    assert [type(m) for m in model] == [nn.Linear, nn.ReLU, nn.Linear]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # one replacement: no warning
+        replace_linears(model, lambda n, m: Linear8bitLt.from_linear(m) if n == "0" else None)
+    assert isinstance(model[0], Linear8bitLt) and type(model[2]) is nn.Linear
+
+
+class Float16Linear(QuantizedLinear):
+    """A plug-in written outside lowbit: the weight rounded to float16 (the test's new method)."""
+
+    weight16: torch.Tensor
+
+    def __init__(self, in_features, out_features, bias=True, weight_dtype=torch.float32):
+        super().__init__(in_features, out_features, bias, weight_dtype, None)
+        self.register_buffer(
+            "weight16", torch.zeros(out_features, in_features, dtype=torch.float16)
+        )
+
+    @classmethod
+    def from_linear(cls, linear):
+        mod = cls(linear.in_features, linear.out_features, linear.bias is not None)
+        mod.weight16.copy_(linear.weight.detach())
+        mod._copy_bias(linear)
+        return mod
+
+    def dequantized_weight(self):
+        return self.weight16.float()
+
+    def lowbit_config(self):
+        return self._base_config()
+
+    @classmethod
+    def from_config(cls, config):
+        return cls(**cls._base_args(config))
+
+    def forward(self, x):
+        return nn.functional.linear(x, self.dequantized_weight(), self.bias)
+
+
+def test_a_module_registered_from_outside_round_trips(tmp_path):
+    """The plug-in contract: register_module is all a new class needs for load_quantized."""
+    assert "Float16Linear" not in QUANTIZED_MODULES
+    register_module(Float16Linear)
+    try:
+        model, ids = _tiny_gpt2(), _gpt2_ids()
+        replace_linears(model, lambda name, lin: Float16Linear.from_linear(lin), progress=False)
+        assert all(isinstance(model.get_submodule(n), Float16Linear) for n in GPT2_CONV1D)
+        with torch.no_grad():
+            out = model(ids).logits
+        path = tmp_path / "gpt2-fp16.safetensors"
+        save_quantized(model, path)
+        fresh = load_quantized(_tiny_gpt2(seed=1), path)
+        with torch.no_grad():
+            assert torch.equal(fresh(ids).logits, out)
+    finally:
+        QUANTIZED_MODULES.pop("Float16Linear", None)
+    with pytest.raises(ValueError, match="unknown quantized module class 'Float16Linear'"):
+        load_quantized(_tiny_gpt2(), path)  # without the registration the file cannot be read
 
 
 def _minilm():

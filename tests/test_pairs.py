@@ -35,7 +35,9 @@ FAST_FUNCTIONS = dict(_public_fast_functions())
 
 def test_every_public_fast_function_has_a_pair():
     missing = sorted(set(FAST_FUNCTIONS) - set(PAIRS))
-    assert not missing, f"public fast functions without a pair in tests/pairs.py: {missing}"
+    assert not missing, (
+        f"public fast functions without a pair in tests/pairs/<method>.py: {missing}"
+    )
 
 
 @pytest.mark.parametrize("op", sorted(FAST_FUNCTIONS))

@@ -18,7 +18,10 @@ import numpy as np
 import pytest
 import torch
 from lowbit.fast import cli, report
+from lowbit.fast import uniform as F_uniform
 from lowbit.fast.models import ModelNotInstalled
+from lowbit.fast.report import formats as report_formats
+from lowbit.fast.report import frame
 from lowbit.reference import formats as ref_formats
 
 _ML_DTYPES = {
@@ -53,18 +56,18 @@ def _quantize_weights(ctx, fmt):
     model = ctx.fresh_copy()
     with torch.no_grad():
         for lin in ctx.linears(model).values():
-            lin.weight.copy_(report._absmax_fake_quant(lin.weight, fmt))
+            lin.weight.copy_(report_formats.absmax_fake_quant(lin.weight, fmt))
     return model
 
 
-@pytest.mark.parametrize("fmt", report._report_formats(), ids=lambda f: f.name)
+@pytest.mark.parametrize("fmt", report_formats.REPORT_FORMATS, ids=lambda f: f.name)
 def test_absmax_fake_quant_matches_ml_dtypes_and_keeps_zero_rows(fmt):
     rng = np.random.default_rng(0)
     x = rng.standard_normal((6, 37)).astype(np.float32) * np.float32(3.0)
     x[2] = 0.0  # an all-zero row: scale 0 must not produce NaN
     x[4, 5] = 80.0  # an outlier dominates its row's scale
     x[5] *= np.float32(1e-30)  # tiny row: the scale underflows towards subnormals
-    ours = report._absmax_fake_quant(torch.from_numpy(x), fmt).numpy()
+    ours = report_formats.absmax_fake_quant(torch.from_numpy(x), fmt).numpy()
     expected = _oracle_fake_quant(x, fmt)
     assert not np.isnan(ours).any()
     np.testing.assert_array_equal(ours[2], 0.0)
@@ -74,7 +77,7 @@ def test_absmax_fake_quant_matches_ml_dtypes_and_keeps_zero_rows(fmt):
 def test_input_fake_quant_hook_feeds_quantized_tokens_and_reuses_shared_inputs():
     torch.manual_seed(0)
     first, second = torch.nn.Linear(24, 5), torch.nn.Linear(24, 7)
-    hook = report._InputFakeQuant(ref_formats.E2M1FN)
+    hook = report_formats.InputFakeQuant(ref_formats.E2M1FN)
     for linear in (first, second):
         linear.register_forward_pre_hook(hook)
     x = torch.randn(2, 3, 24)
@@ -157,9 +160,9 @@ def test_calib_inputs_stop_at_max_calib_tokens():
 
 def test_formats_rows_are_complete_and_ordered(ctx, monkeypatch):
     monkeypatch.setattr(
-        report,
-        "_report_formats",
-        lambda: [ref_formats.E4M3FN, ref_formats.E2M1FN, ref_formats.IntFormat(8)],
+        report_formats,
+        "REPORT_FORMATS",
+        (ref_formats.E4M3FN, ref_formats.E2M1FN, ref_formats.IntFormat(8)),
     )
     rows = report.formats_rows(ctx)
     assert [r.config for r in rows] == [
@@ -190,15 +193,15 @@ def test_formats_rows_are_complete_and_ordered(ctx, monkeypatch):
     name, linear = next(iter(ctx.linears().items()))
     w = linear.weight.detach().numpy()
     oracle = np.linalg.norm(_oracle_fake_quant(w, ref_formats.E2M1FN) - w) / np.linalg.norm(w)
-    ours = report._rel_err(
-        report._absmax_fake_quant(linear.weight, ref_formats.E2M1FN), linear.weight
+    ours = frame.rel_err(
+        report_formats.absmax_fake_quant(linear.weight, ref_formats.E2M1FN), linear.weight
     )
     assert ours == pytest.approx(oracle, rel=1e-5)
 
 
 def test_run_report_writes_every_file_atomically(ctx, tmp_path, monkeypatch, capsys):
     monkeypatch.setattr(
-        report, "_report_formats", lambda: [ref_formats.E4M3FN, ref_formats.IntFormat(4)]
+        report_formats, "REPORT_FORMATS", (ref_formats.E4M3FN, ref_formats.IntFormat(4))
     )
     monkeypatch.setattr(report, "build_context", lambda *args, **kwargs: ctx)  # loaded once
     out = tmp_path / "out"
@@ -216,10 +219,11 @@ def test_run_report_writes_every_file_atomically(ctx, tmp_path, monkeypatch, cap
     assert sorted(p.name for p in out.iterdir()) == [
         "activation_channels.png",
         "error_per_format.png",
+        "quality_vs_bits.png",
         "report.csv",
         "report.md",
     ]  # and no temporary files left over
-    for png in ("activation_channels.png", "error_per_format.png"):
+    for png in ("activation_channels.png", "error_per_format.png", "quality_vs_bits.png"):
         assert (out / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     with open(out / "report.csv", newline="") as handle:
         table = list(csv.DictReader(handle))
@@ -236,7 +240,7 @@ def test_run_report_writes_every_file_atomically(ctx, tmp_path, monkeypatch, cap
     def broken(ctx):
         raise RuntimeError("plot failed")
 
-    monkeypatch.setattr(report, "_channel_plot", broken)
+    monkeypatch.setattr(frame, "_channel_plot", broken)
     with pytest.raises(RuntimeError, match="plot failed"):
         report.run_report(
             "minilm", "formats", calib_size=2, eval_size=2, out_dir=out, progress=False
@@ -250,8 +254,8 @@ def test_run_report_writes_every_file_atomically(ctx, tmp_path, monkeypatch, cap
         ({"methods": "formats,nope"}, "unknown method 'nope'"),
         ({"methods": ""}, "no method given"),
         ({"model": "gpt5"}, "unknown model 'gpt5'"),
-        ({"calib_size": 0}, "calib_size must be an integer from 1"),
-        ({"eval_size": 10**6}, "eval_size must be an integer from 1"),
+        ({"calib_size": 0}, "--calib-size must be an integer from 1"),
+        ({"eval_size": 10**6}, "--eval-size must be an integer from 1"),
     ],
 )
 def test_run_report_rejects_bad_input_before_loading_anything(
@@ -299,7 +303,7 @@ def _one_line_error(capsys, argv, fragment):
         (["report", "--model", "bert-large"], "unknown model 'bert-large'"),
         (["report", "--calib-size", "0"], "expected a positive integer"),
         (["report", "--eval-size", "ten"], "expected a positive integer, got 'ten'"),
-        (["report", "--eval-size", "100000"], "eval_size must be an integer from 1"),
+        (["report", "--eval-size", "100000"], "--eval-size must be an integer from 1"),
         (["report", "--frobnicate"], "unrecognized arguments"),
         ([], "required"),
         (["train"], "invalid choice"),
@@ -334,6 +338,7 @@ def test_cli_passes_options_through(monkeypatch, tmp_path, capsys):
         "eval_size": 7,
         "out_dir": str(tmp_path),
         "progress": False,
+        "quick": False,
     }
 
 
@@ -355,7 +360,7 @@ def test_full_default_report(tmp_path, capsys):
         cli.main(["report", "--methods", "formats", "--out", str(tmp_path), "--no-progress"]) == 0
     )
     rows = list(csv.DictReader(open(tmp_path / "report.csv", newline="")))
-    assert len(rows) == 1 + 2 * len(report._report_formats())
+    assert len(rows) == 1 + 2 * len(report_formats.REPORT_FORMATS)
     quality = {r["config"]: float(r["quality"]) for r in rows}
     assert quality["unquantized"] == pytest.approx(1.0, abs=1e-6)
     assert quality["int8 W"] > quality["int4 W"] and quality["E4M3FN W"] > quality["E2M1FN W"]
@@ -373,3 +378,211 @@ def test_unwritable_output_folder_fails_before_any_work(tmp_path, monkeypatch, c
     err = capsys.readouterr().err
     assert status == 2
     assert err.startswith("lowbit: error: cannot write to output folder") and err.count("\n") == 1
+
+
+# -- what sections receive: block-by-block capture, the training hook, --quick -------------------
+
+
+def test_context_satisfies_the_section_protocol(ctx):
+    assert isinstance(ctx, report.ReportContext)
+    assert set(report.SECTIONS) == {"formats", "llm_int8", "fpq"}
+    assert all(report.ROW_BUILDERS[k] is s.build for k, s in report.SECTIONS.items())
+
+
+def test_block_inputs_through_fp_blocks_are_the_models_hidden_states(ctx):
+    """Through unmodified blocks, the inputs of block i are the model's own hidden_states[i]."""
+    model = ctx.fresh_copy()
+    batch = ctx.tokenizer(
+        ctx.calib_texts[: ctx.batch_size], padding=True, truncation=True,
+        max_length=ctx.max_length, return_tensors="pt",
+    )  # fmt: skip
+    with torch.no_grad():
+        hidden = model(**batch, output_hidden_states=True).hidden_states
+    seen = []
+    for i, block, inputs in ctx.block_inputs(model):
+        assert block is ctx.blocks(model)[i]
+        torch.testing.assert_close(inputs.hidden_states[0], hidden[i], atol=1e-5, rtol=1e-5)
+        seen.append(i)
+    assert seen == list(range(6))
+
+
+def test_block_inputs_see_the_blocks_the_caller_changed(ctx):
+    """A block changed while it is yielded feeds its *changed* output to the next block."""
+    model = ctx.fresh_copy()
+    captured = {}
+    for i, block, inputs in ctx.block_inputs(model):
+        captured[i] = inputs.hidden_states[0].clone()
+        if i == 0:
+            with torch.no_grad():
+                block.output.dense.weight.zero_()  # a (badly) quantized block 0
+                block.output.dense.bias.zero_()
+    # Block 0 now only passes its input through the residual and LayerNorm: recompute that.
+    layer0 = ctx.blocks(model)[0]
+    attention = layer0.attention(captured[0], *_mask_args(ctx, model))[0]
+    expected = layer0.output.LayerNorm(attention)
+    torch.testing.assert_close(captured[1], expected, atol=1e-5, rtol=1e-5)
+
+
+def _mask_args(ctx, model):
+    """The extended attention mask block 0 received (captured through the same hook)."""
+    for _i, _block, inputs in ctx.block_inputs(model):
+        args, kwargs = inputs.calls[0]
+        return (*args[1:2],) if len(args) > 1 else (kwargs.get("attention_mask"),)
+    raise AssertionError("no block")
+
+
+def test_training_hook_streams_shipped_text_and_lowers_the_loss(ctx):
+    batches = ctx.token_batches(seq_len=16, batch_size=4)
+    first, second = next(batches), next(batches)
+    assert first.shape == (4, 16) and first.dtype == torch.long
+    assert not torch.equal(first, second)  # consecutive windows of the stream
+    torch.manual_seed(0)
+    vocab = ctx.tokenizer.vocab_size
+    model = torch.nn.Sequential(torch.nn.Embedding(vocab, 16), torch.nn.Linear(16, vocab))
+
+    def next_token_loss(m, ids):  # a bigram model: predict token t+1 from token t
+        logits = m(ids[:, :-1])
+        return torch.nn.functional.cross_entropy(logits.reshape(-1, vocab), ids[:, 1:].reshape(-1))
+
+    losses = ctx.train(model, next_token_loss, steps=30, lr=3e-2, seq_len=16, batch_size=4)
+    assert len(losses) == 30 and not model.training
+    assert sum(losses[-5:]) / 5 < 0.8 * sum(losses[:5]) / 5
+    with pytest.raises(ValueError, match="seq_len and batch_size must be >= 1"):
+        next(ctx.token_batches(seq_len=0))
+
+
+def test_quick_run_shrinks_sizes_and_search(monkeypatch, tmp_path):
+    seen = []
+
+    def record(name, calib_size, eval_size, **kwargs):
+        seen.append((calib_size, eval_size, kwargs["quick"]))
+        raise ModelNotInstalled("stop here")
+
+    monkeypatch.setattr(report, "build_context", record)
+    with pytest.raises(ModelNotInstalled):
+        report.run_report("minilm", "fpq", out_dir=tmp_path / "out", progress=False, quick=True)
+    assert seen == [(*report.QUICK_SIZES, True)]
+    assert cli._parser().parse_args(["report", "--quick"]).quick is True
+    assert "--quick" in cli._parser()._subparsers._group_actions[0].choices["report"].format_help()
+
+
+def test_output_folder_probe_names_the_folder(tmp_path, monkeypatch):
+    """An unwritable folder (simulated: the tests may run as root) fails before any work, and
+    the message names the output folder, not the probe file."""
+
+    def refuse(*args, **kwargs):
+        raise PermissionError(13, "Permission denied", str(tmp_path / ".lowbit-probe-x"))
+
+    monkeypatch.setattr(frame.tempfile, "NamedTemporaryFile", refuse)
+    monkeypatch.setattr(report, "build_context", lambda *a, **k: pytest.fail("loaded a model"))
+    with pytest.raises(ValueError) as err:
+        report.run_report(out_dir=tmp_path / "out", progress=False)
+    message = str(err.value)
+    assert message.startswith(f"cannot write to output folder {tmp_path / 'out'}")
+    assert "Permission denied" in message and ".lowbit-probe" not in message and "\n" not in message
+
+
+def test_a_real_probe_leaves_nothing_behind(tmp_path):
+    frame._check_out_dir(tmp_path / "new" / "deeper")
+    assert list(tmp_path.iterdir()) == []  # no folder created, probe removed
+
+
+class TinyContext:
+    """A stand-in for ``Context`` (the ``ReportContext`` protocol) around a two-layer MLP whose
+    inputs have heavy-tailed channels: sections run on it in seconds."""
+
+    model_name = "tiny"
+    quality_name = "output cosine"
+    higher_is_better = True
+    progress = False
+
+    def __init__(self, quick: bool = False):
+        import copy
+
+        torch.manual_seed(0)
+        self.quick = quick
+        self.figures: dict[str, bytes] = {}
+        self.calib_texts, self.eval_texts = ["calibration"], ["evaluation"]
+        self.model = torch.nn.Sequential(
+            torch.nn.Linear(24, 40), torch.nn.GELU(), torch.nn.Linear(40, 16, bias=False)
+        ).eval()
+        self.x = torch.randn(48, 24) * torch.randn(24).exp()
+        captured: dict[str, list[torch.Tensor]] = {"0": [], "2": []}
+        hooks = [
+            self.model.get_submodule(n).register_forward_pre_hook(
+                lambda _m, args, n=n: captured[n].append(args[0].detach().clone())
+            )
+            for n in captured
+        ]
+        with torch.no_grad():
+            self.model(self.x)
+        for h in hooks:
+            h.remove()
+        self._inputs = {n: v[0] for n, v in captured.items()}
+        self._copy = copy.deepcopy
+
+    def linears(self, model=None):
+        model = self.model if model is None else model
+        return {n: m for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)}
+
+    def calib_inputs(self):
+        return self._inputs
+
+    def fresh_copy(self):
+        return self._copy(self.model)
+
+    def evaluate(self, model):
+        with torch.no_grad():
+            return float(
+                torch.nn.functional.cosine_similarity(model(self.x), self.model(self.x)).mean()
+            )
+
+
+def test_tiny_context_satisfies_the_protocol():
+    assert isinstance(TinyContext(), report.ReportContext)
+
+
+@pytest.mark.parametrize("quick", [False, True])
+def test_fpq_section_on_a_tiny_model(monkeypatch, quick):
+    """fpq_rows end to end on the stand-in (the real MiniLM run is ``lowbit report``)."""
+    from lowbit.fast.report import fpq as fpq_section
+
+    monkeypatch.setattr(
+        fpq_section, "FPQ_SEARCH", {"n_candidates": 6, "rounds": 1, "max_tokens": 32}
+    )
+    rows = report.fpq_rows(TinyContext(quick=quick))
+    labels = [r.config for r in rows]
+    assert labels[:4] == ["W4A4 MinMax INT", "W4A4 MinMax E2M1", "W4A4 FPQ baseline", "W4A4 FPQ"]
+    assert len(rows) == 10 and all(-1.0 <= r.quality <= 1.0 + 1e-6 for r in rows)
+    assert all(r.method == "FPQ" and r.wbits and r.act_rel_err is not None for r in rows)
+    settings = fpq_section.FPQ_SEARCH_QUICK if quick else fpq_section.FPQ_SEARCH
+    stated = f"{settings['n_candidates'] + 1} candidates, {settings['rounds']} rounds"
+    assert stated in rows[2].note  # the reduced search is stated in the note
+
+
+def test_minmax_int_rows_use_a_static_activation_scale():
+    """MinMax INT quantizes activations with the calibration absmax: an input twice as large
+    saturates (a dynamic scale would not)."""
+    from lowbit.fast.report.fpq import _MinMaxInt
+
+    ctx = TinyContext()
+    lin, x = ctx.model[0], ctx.calib_inputs()["0"]
+    layer = _MinMaxInt(lin, x, wbits=4, abits=4)
+    big = 2.0 * x
+    q = layer.act(big)
+    assert float(q.abs().max()) == pytest.approx(float(x.abs().max()), rel=1e-6)
+    torch.testing.assert_close(layer.act(x), F_uniform.quantize(x, 4, granularity="tensor"))
+
+
+def test_llm_int8_section_on_a_tiny_model():
+    ctx = TinyContext()
+    ctx._inputs = {n: t * 1.0 for n, t in ctx._inputs.items()}
+    rows = report.llm_int8_rows(ctx)
+    assert [r.config for r in rows] == [
+        "W8A8 absmax per-tensor",
+        "W8A8 vector-wise",
+        "W8A8 vector-wise + decomposition (6.0)",
+    ]
+    # vector-wise scales beat one scale per tensor on heavy-tailed channels
+    assert rows[1].act_rel_err < rows[0].act_rel_err
+    assert "llm_int8_outlier_dims.png" in ctx.figures

@@ -1,211 +1,20 @@
-"""Quantized drop-in replacements for ``nn.Linear``.
+"""LLM-FP4 / FPQ (arXiv 2310.16836) as a quantized module: ``FPQLinear``.
 
-Every module here follows one protocol (used by ``lowbit.fast.convert``):
-
-* drop-in for ``nn.Linear``: ``in_features``, ``out_features``, ``forward(x)`` on
-  (..., in_features) inputs of any float dtype, returning x's dtype;
-* ``from_linear(linear, **opts)`` builds it from a trained ``nn.Linear``; ``to_linear()`` gives
-  back a plain ``nn.Linear`` with the dequantized weights;
-* ``lowbit_config()`` -> JSON-serialisable shapes and options, and ``from_config(config)`` an
-  empty shell whose registered buffers/parameters are then filled by ``load_state_dict``;
-* an entry in ``QUANTIZED_MODULES`` at the bottom of the file.
-
-Modules: ``Linear8bitLt`` (LLM.int8(), arXiv 2208.07339).
+Follows the quantized-module protocol of ``lowbit.fast.nn``; the quantizer, the search and the
+pre-shifted exponent bias are in ``lowbit.fast.fpq`` (imported inside the functions, as
+``lowbit.fast.fpq`` imports this package inside its functions too).
 """
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
-from lowbit.fast import llm_int8 as _llm_int8
+from lowbit.fast.nn import QuantizedLinear, register_module
 from lowbit.kernels import on_triton_device
 from torch import nn
 
-__all__ = ["Linear8bitLt", "FPQLinear", "QUANTIZED_MODULES"]
-
-_DTYPES = {
-    "float16": torch.float16,
-    "bfloat16": torch.bfloat16,
-    "float32": torch.float32,
-    "float64": torch.float64,
-}
-
-
-class _QuantizedLinear(nn.Module):
-    """What every quantized linear shares: shape checks, the bias buffer, ``to_linear()``
-    (through the subclass's ``dequantized_weight()``), the common config entries and the
-    reshaping of (..., in_features) inputs."""
-
-    bias: torch.Tensor | None
-
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        bias: bool,
-        weight_dtype: torch.dtype,
-        device: torch.device | str | None,
-    ):
-        super().__init__()
-        if in_features < 0 or out_features < 0:
-            raise ValueError(
-                f"in_features and out_features must be >= 0, got {in_features}, {out_features}"
-            )
-        self.in_features = int(in_features)
-        self.out_features = int(out_features)
-        self.weight_dtype = weight_dtype
-        if bias:
-            self.register_buffer(
-                "bias", torch.zeros(out_features, dtype=weight_dtype, device=device)
-            )
-        else:
-            self.bias = None
-
-    def dequantized_weight(self) -> torch.Tensor:  # pragma: no cover - abstract
-        raise NotImplementedError
-
-    def _copy_bias(self, linear: nn.Linear) -> None:
-        """Copy the layer bias of the ``nn.Linear`` being quantized (``from_linear``)."""
-        if linear.bias is not None:
-            assert self.bias is not None
-            with torch.no_grad():
-                self.bias.copy_(linear.bias.detach())
-
-    def to_linear(self) -> nn.Linear:
-        """A plain ``nn.Linear`` holding the dequantized weights."""
-        w = self.dequantized_weight()
-        lin = nn.Linear(
-            self.in_features,
-            self.out_features,
-            bias=self.bias is not None,
-            device=w.device,
-            dtype=self.weight_dtype,
-        )
-        with torch.no_grad():
-            lin.weight.copy_(w.to(self.weight_dtype))
-            if self.bias is not None and lin.bias is not None:
-                lin.bias.copy_(self.bias)
-        return lin
-
-    def _base_config(self) -> dict[str, Any]:
-        return {
-            "in_features": self.in_features,
-            "out_features": self.out_features,
-            "bias": self.bias is not None,
-            "weight_dtype": str(self.weight_dtype).removeprefix("torch."),
-        }
-
-    @classmethod
-    def _base_args(cls, config: dict[str, Any]) -> dict[str, Any]:
-        dtype_name = config.get("weight_dtype", "float32")
-        if dtype_name not in _DTYPES:
-            raise ValueError(
-                f"{cls.__name__} config: unknown weight_dtype {dtype_name!r}; expected one of {sorted(_DTYPES)}"
-            )
-        return dict(
-            in_features=int(config["in_features"]),
-            out_features=int(config["out_features"]),
-            bias=bool(config["bias"]),
-            weight_dtype=_DTYPES[dtype_name],
-        )
-
-    def _rows(self, x: torch.Tensor) -> torch.Tensor:
-        """(..., in_features) -> (tokens, in_features), with a clear error on a wrong width."""
-        if x.shape[-1] != self.in_features:
-            raise ValueError(
-                f"{type(self).__name__} expects (..., {self.in_features}) inputs, got shape {tuple(x.shape)}"
-            )
-        return x.reshape(math.prod(x.shape[:-1]), self.in_features)
-
-
-class Linear8bitLt(_QuantizedLinear):
-    """LLM.int8() linear layer: int8 weights (one absmax per output feature) stored once,
-    activations quantized per token at run time, with outlier decomposition above ``threshold``.
-
-    The outlier columns of each input batch are multiplied with the dequantized int8 weight
-    columns, as bitsandbytes' ``Linear8bitLt(has_fp16_weights=False)`` does (the full-precision
-    weights are not kept). ``threshold=0`` disables the decomposition (pure vector-wise int8).
-    The weights are frozen; gradients flow to the input and the bias.
-
-    Buffers: ``weight_codes`` int8 (out, in), ``weight_absmax`` float32 (out,), ``bias`` (out,)
-    in the original linear's dtype (if any).
-    """
-
-    weight_codes: torch.Tensor
-    weight_absmax: torch.Tensor
-    bias: torch.Tensor | None
-
-    def __init__(
-        self,
-        in_features: int,
-        out_features: int,
-        bias: bool = True,
-        threshold: float = 6.0,
-        weight_dtype: torch.dtype = torch.float32,
-        device: torch.device | str | None = None,
-    ):
-        super().__init__(in_features, out_features, bias, weight_dtype, device)
-        _llm_int8._check_threshold(threshold)
-        self.threshold = float(threshold)
-        self.register_buffer(
-            "weight_codes", torch.zeros(out_features, in_features, dtype=torch.int8, device=device)
-        )
-        self.register_buffer(
-            "weight_absmax", torch.zeros(out_features, dtype=torch.float32, device=device)
-        )
-
-    @classmethod
-    def from_linear(cls, linear: nn.Linear, threshold: float = 6.0) -> Linear8bitLt:
-        """Quantize a trained ``nn.Linear`` (weights row-wise absmax int8, no threshold)."""
-        if not isinstance(linear, nn.Linear):
-            raise ValueError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
-        w = linear.weight.detach()
-        mod = cls(
-            linear.in_features,
-            linear.out_features,
-            bias=linear.bias is not None,
-            threshold=threshold,
-            weight_dtype=w.dtype,
-            device=w.device,
-        )
-        codes, absmax, _ = _llm_int8.vectorwise_quant(w, 0.0)
-        mod.weight_codes.copy_(codes)
-        mod.weight_absmax.copy_(absmax)
-        mod._copy_bias(linear)
-        return mod
-
-    def dequantized_weight(self) -> torch.Tensor:
-        """W ≈ q · c / 127 (float32)."""
-        return _llm_int8.vectorwise_dequant(self.weight_codes, self.weight_absmax)
-
-    def lowbit_config(self) -> dict[str, Any]:
-        return {**self._base_config(), "threshold": self.threshold}
-
-    @classmethod
-    def from_config(cls, config: dict[str, Any]) -> Linear8bitLt:
-        return cls(**cls._base_args(config), threshold=float(config["threshold"]))
-
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        X = self._rows(x)
-        Y = _llm_int8._frozen_linear(
-            X, self.weight_codes, self.weight_absmax, self.bias, self.threshold
-        )
-        return Y.reshape(*x.shape[:-1], self.out_features)
-
-    def extra_repr(self) -> str:
-        return (
-            f"in_features={self.in_features}, out_features={self.out_features}, "
-            f"bias={self.bias is not None}, threshold={self.threshold}"
-        )
-
-
-# Quantized module classes by name, for lowbit.fast.convert.load_quantized.
-QUANTIZED_MODULES: dict[str, type[nn.Module]] = {"Linear8bitLt": Linear8bitLt}
-
-
-# --- LLM-FP4 (FPQ), arXiv 2310.16836 ------------------------------------------------------------
+__all__ = ["FPQLinear"]
 
 
 def _fpq_format(spec: Any) -> Any:
@@ -223,7 +32,8 @@ def _fpq_format(spec: Any) -> Any:
     return fmt
 
 
-class FPQLinear(_QuantizedLinear):
+@register_module
+class FPQLinear(QuantizedLinear):
     """LLM-FP4 linear layer: FP weight codes with a real exponent bias per output channel, and
     static FP activation quantization with a real per-tensor bias t plus integer per-input-channel
     shifts k_c (the pre-shifted exponent bias; all zero for per-tensor activations).
@@ -359,6 +169,9 @@ class FPQLinear(_QuantizedLinear):
         return self._weight_cache
 
     def lowbit_config(self) -> dict[str, Any]:
+        """JSON-serialisable shapes and options: ``in_features``, ``out_features``, ``bias``,
+        ``weight_dtype``, ``w_format`` and ``a_format`` as [E, M] (``a_format`` None when the
+        activations are not quantized); ``from_config`` takes this dict back."""
         a_format = None if self.a_format is None else [self.a_format.ebits, self.a_format.mbits]
         return {
             **self._base_config(),
@@ -368,6 +181,8 @@ class FPQLinear(_QuantizedLinear):
 
     @classmethod
     def from_config(cls, config: dict[str, Any]) -> FPQLinear:
+        """An empty module of the shape and formats in ``config`` (a ``lowbit_config()``): its
+        buffers are zeros until ``load_state_dict`` fills them (``load_quantized`` does)."""
         return cls(
             **cls._base_args(config), w_format=config["w_format"], a_format=config["a_format"]
         )
@@ -406,6 +221,7 @@ class FPQLinear(_QuantizedLinear):
         return self._scales_cache
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """(..., in_features) -> (..., out_features) in x's dtype (see the class docstring)."""
         from lowbit.fast import fpq
 
         X = self._rows(x)
@@ -444,6 +260,3 @@ class FPQLinear(_QuantizedLinear):
             f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
             f"w=E{self.w_format.ebits}M{self.w_format.mbits}, a={a}, preshifted={bool((self.act_shift != 0).any())}"
         )
-
-
-QUANTIZED_MODULES["FPQLinear"] = FPQLinear

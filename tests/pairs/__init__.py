@@ -1,0 +1,72 @@
+"""Registry of reference/fast pairs (DESIGN.md section 2, the mirror rule).
+
+Every public function of ``lowbit.fast.<module>`` is registered with a Hypothesis strategy for
+its inputs (NumPy side) and its tolerance tier. ``tests/test_pairs.py`` runs every pair under
+Hypothesis through ``assert_matches_reference`` and fails when a public fast function is missing
+from ``PAIRS`` or its signature differs from the reference's.
+
+One file per method, ``tests/pairs/<method>.py``, calls ``register(Pair(...))`` at import; a new
+method adds its file and its name to ``METHODS`` below (strategies that several methods share
+live in ``tests/strategies.py``).
+"""
+
+from __future__ import annotations
+
+import importlib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from hypothesis import strategies as st
+
+from tests.tolerances import EXACT, ExactTier, FormatTier, MatmulTier
+
+TIERS = (ExactTier, FormatTier, MatmulTier)
+
+
+@dataclass(frozen=True)
+class Call:
+    """The arguments of one call: NumPy arrays and plain values."""
+
+    args: tuple
+    kwargs: dict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Pair:
+    op: str  # "<module>.<function>", e.g. "formats.encode"
+    inputs: st.SearchStrategy[Call]
+    # A tier, or a function Call -> tier (format-dependent tiers).
+    tier: Any = EXACT
+    # Tier B: the same computation in working precision with plain torch (torch args).
+    naive: Callable[..., Any] | None = None
+    # Analytic reference gradient and which positional arguments it differentiates.
+    grad: Callable[..., Any] | None = None
+    grad_argnums: tuple[int, ...] = ()
+    grad_tier: Any = None
+    # Functions registered only for the meta-test (e.g. driven by dedicated tests that
+    # need a model): give the reason here and no strategy is run.
+    tested_in: str | None = None
+
+    def tier_for(self, call: Call):
+        return self.tier if isinstance(self.tier, TIERS) else self.tier(call)
+
+
+PAIRS: dict[str, Pair] = {}
+
+# Fast modules that are not mirrored (they exist only on the torch side: DESIGN.md section 1).
+TORCH_ONLY_MODULES = {"nn", "convert", "cli", "models", "report", "data"}
+
+
+def register(pair: Pair) -> Pair:
+    if pair.op in PAIRS:
+        raise ValueError(f"pair {pair.op!r} registered twice")
+    PAIRS[pair.op] = pair
+    return pair
+
+
+# One line per method: the files whose import registers that method's pairs.
+METHODS = ("formats", "uniform", "llm_int8", "fpq")
+
+for _method in METHODS:
+    importlib.import_module(f"tests.pairs.{_method}")
