@@ -29,15 +29,21 @@ Implementation notes:
 
 from __future__ import annotations
 
-import numbers
-
 import numpy as np
 import torch
+from lowbit.reference.uniform import (  # constants and argument checks shared: same errors
+    GRANULARITIES,
+    MAX_BITS,
+    MIN_BITS,
+    _check_bits,
+    _check_clip_ratio,
+    _check_granularity,
+    _check_group_size,
+    _check_symmetric,
+)
 
 __all__ = ["encode", "decode", "quantize", "GRANULARITIES", "MIN_BITS", "MAX_BITS"]
 
-GRANULARITIES = ("tensor", "channel", "token", "group")
-MIN_BITS, MAX_BITS = 2, 16
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 _NOT_CODES = (torch.bool, torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -59,58 +65,6 @@ def _check_tensor(t, name: str) -> torch.Tensor:
             f"(torch.from_numpy({name})) or use lowbit.reference.uniform for NumPy arrays"
         )
     return t
-
-
-def _check_bits(bits) -> int:
-    if isinstance(bits, bool) or not isinstance(bits, numbers.Integral):
-        raise TypeError(
-            f"bits must be an int from {MIN_BITS} to {MAX_BITS}, got {bits!r} ({type(bits).__name__})"
-        )
-    if not MIN_BITS <= int(bits) <= MAX_BITS:
-        raise ValueError(f"bits must be from {MIN_BITS} to {MAX_BITS}, got {bits}")
-    return int(bits)
-
-
-def _check_clip_ratio(clip_ratio) -> float:
-    if isinstance(clip_ratio, bool) or not isinstance(clip_ratio, numbers.Real):
-        raise TypeError(
-            f"clip_ratio must be a number in (0, 1], got {clip_ratio!r} ({type(clip_ratio).__name__})"
-        )
-    if not 0.0 < float(clip_ratio) <= 1.0:
-        raise ValueError(f"clip_ratio must lie in (0, 1] (1.0 = no clipping), got {clip_ratio}")
-    return float(clip_ratio)
-
-
-def _check_symmetric(symmetric) -> bool:
-    if not isinstance(symmetric, (bool, np.bool_)):
-        raise TypeError(f"symmetric must be True or False, got {symmetric!r}")
-    return bool(symmetric)
-
-
-def _check_group_size(group_size) -> int:
-    if isinstance(group_size, bool) or not isinstance(group_size, numbers.Integral):
-        raise TypeError(
-            f"group_size must be a positive int (e.g. 128), got {group_size!r} ({type(group_size).__name__})"
-        )
-    if int(group_size) < 1:
-        raise ValueError(f"group_size must be a positive int (e.g. 128), got {group_size}")
-    return int(group_size)
-
-
-def _check_granularity(granularity, group_size) -> int | None:
-    """Validate the pair; return the group size for "group", else None."""
-    if granularity not in GRANULARITIES:
-        raise ValueError(f"granularity must be one of {GRANULARITIES}, got {granularity!r}")
-    if granularity == "group":
-        if group_size is None:
-            raise ValueError("granularity='group' needs group_size, e.g. group_size=128")
-        return _check_group_size(group_size)
-    if group_size is not None:
-        raise ValueError(
-            f"group_size is only used with granularity='group' (got granularity={granularity!r}); "
-            "drop group_size or pass granularity='group'"
-        )
-    return None
 
 
 def _working_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -572,6 +572,9 @@ def test_minmax_int_rows_use_a_static_activation_scale():
     q = layer.act(big)
     assert float(q.abs().max()) == pytest.approx(float(x.abs().max()), rel=1e-6)
     torch.testing.assert_close(layer.act(x), F_uniform.quantize(x, 4, granularity="tensor"))
+    batched = x.reshape(4, 12, x.shape[-1])  # (batch, tokens, in), as a model feeds it
+    torch.testing.assert_close(layer.act(batched), layer.act(x).reshape(batched.shape))
+    assert layer(batched).shape == (4, 12, lin.out_features)
 
 
 def test_llm_int8_section_on_a_tiny_model():
