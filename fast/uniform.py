@@ -31,15 +31,18 @@ from __future__ import annotations
 
 import numpy as np
 import torch
-from lowbit.reference.uniform import (  # constants and argument checks shared: same errors
+from lowbit.reference.uniform import (  # constants, checks, shape helpers: shared
     GRANULARITIES,
     MAX_BITS,
     MIN_BITS,
+    _broadcasts_to,
     _check_bits,
     _check_clip_ratio,
     _check_granularity,
     _check_group_size,
     _check_symmetric,
+    _n_groups,
+    _scale_shape,
 )
 
 __all__ = ["encode", "decode", "quantize", "GRANULARITIES", "MIN_BITS", "MAX_BITS"]
@@ -153,18 +156,6 @@ def _per_element(stat: torch.Tensor, n: int, G: int | None) -> torch.Tensor:
     return expanded.reshape(*stat.shape[:-1], k * G)[..., :n]  # (..., n)
 
 
-def _n_groups(n: int, G: int) -> int:
-    return -(-n // G)
-
-
-def _scale_shape(x_shape: tuple, granularity: str, G: int | None) -> tuple:
-    if granularity == "tensor":
-        return (1,) * len(x_shape)
-    if G is None:
-        return (*x_shape[:-1], 1)
-    return (*x_shape[:-1], _n_groups(x_shape[-1], G))
-
-
 def _static_params(scale, zero_point, symmetric: bool, want: tuple, x_w: torch.Tensor, c_ratio):
     """Given (calibrated) parameters, checked as the reference checks them; one host sync."""
     _check_tensor(scale, "scale")
@@ -192,12 +183,6 @@ def _static_params(scale, zero_point, symmetric: bool, want: tuple, x_w: torch.T
             f"symmetric=False with a given scale needs zero_point: integers of shape {want}"
         )
     return s, zero_point.to(device=x_w.device, dtype=x_w.dtype)
-
-
-def _broadcasts_to(shape: tuple, target: tuple) -> bool:
-    if len(shape) > len(target):
-        return False
-    return all(d in (1, t) for d, t in zip(shape[::-1], target[::-1]))
 
 
 def _const(like: torch.Tensor, value: int) -> torch.Tensor:
