@@ -11,7 +11,9 @@ candidate, and only the incumbent format's biases tuned, the bug the rewrite fix
 report-like layers (256 tokens, 384 -> 384 and 384 -> 1536, W4A4, baseline and pre-shifted), at
 the report's grid (20 candidates, 2 rounds) and the code's defaults (100, 3). The new search
 does more work (it tunes every candidate format), so two ratios: wall time per search, and
-time per scored candidate (quantize + GEMM + error of one candidate bias or format).
+time per scored candidate (quantize + GEMM + error of one candidate bias or format). A third
+timing runs the new search with its float32 GEMMs instead of the exact integer scoring that
+float32 CPU searches use (``int_scoring=False``): the integer scoring's own speed-up.
 
 GPU (only when CUDA is available): PERF M4 (one-pass fake quant, E2M1 / E3M0 / E4M3, per-tensor
 and per-channel real bias, bf16 in/out) against same-run copy bandwidth and the eager torch path;
@@ -40,6 +42,9 @@ from lowbit.reference import fpq as ref
 from lowbit.reference.formats import FPFormat
 
 E3M0, E2M1, E4M3 = FPFormat(3, 0), FPFormat(2, 1), FPFormat(4, 3)
+SEARCH_DEFAULTS = dict(
+    wbits=4, abits=4, gamma1=0.01, gamma2=1.2, search_space="bias", w_formats=None, a_formats=None
+)  # fmt: skip
 
 
 def cpu_section(n: int, repeat: int) -> tuple[dict, list[tuple[str, str, float, str]]]:
@@ -107,7 +112,7 @@ def cpu_section(n: int, repeat: int) -> tuple[dict, list[tuple[str, str, float, 
             "P5",
             "search (21 candidates, 2 rounds, FPQ) 256x384->384",
             med(times["ref"]) / med(times["fast"]),
-            "fast (fp32 GEMMs) vs reference (x)",
+            "fast vs reference (x)",
         )
     )
     return raw, table
@@ -217,21 +222,30 @@ def _old_search(
 
 
 def _count_new_evaluations(fn) -> int:
-    """Candidates the batched search scores in its bias steps (counted at its batched
-    quantizer: each call quantizes one batch of candidates)."""
+    """Candidates the batched search scores in its bias steps, counted where they are scored:
+    the float path's batched quantizer ``_fake_quant_into(x, fmt, b, ...)``, one call per batch,
+    and the integer scorer's ``w_errors`` / ``a_errors(self, j, cands, ...)`` (their fixed
+    candidates, plus the current bias whose error they give too). Both hold them in args[2]."""
     count = 0
-    inner = fast._fake_quant_into
+    hooks = {(fast, "_fake_quant_into"): 0, (fast._IntScorer, "w_errors"): 1}
+    hooks[(fast._IntScorer, "a_errors")] = 1
+    originals = {key: getattr(*key) for key in hooks}
 
-    def counting(x, fmt, b, *args):
-        nonlocal count
-        count += b.shape[0]
-        return inner(x, fmt, b, *args)
+    def counting(inner, extra):
+        def wrapper(*args):
+            nonlocal count
+            count += args[2].shape[0] + extra
+            return inner(*args)
 
-    fast._fake_quant_into = counting
+        return wrapper
+
+    for key, extra in hooks.items():
+        setattr(*key, counting(originals[key], extra))
     try:
         fn()
     finally:
-        fast._fake_quant_into = inner
+        for key, inner in originals.items():
+            setattr(*key, inner)
     return count
 
 
@@ -239,8 +253,8 @@ def search_section(quick: bool) -> tuple[dict, list[tuple[str, str, float, str]]
     """The batched search against ``_old_search`` at two torch threads (see the module docstring).
     Scored candidates: old rounds * 2 * (n + 3) bias candidates; new: counted; both add
     rounds * (3 + 3) + 1 format evaluations. Also the time of the new search's bias-candidate
-    GEMMs alone ((tokens, in) @ (in, out) in float32 each), the floor of any exact search that
-    scores those candidates."""
+    GEMMs alone ((tokens, in) @ (in, out) in float32 each), the floor of a search that scores
+    those candidates with float32 GEMMs (the integer scoring goes below it)."""
     threads = torch.get_num_threads()
     torch.set_num_threads(2)
     rng = np.random.default_rng(1)
@@ -258,6 +272,7 @@ def search_section(quick: bool) -> tuple[dict, list[tuple[str, str, float, str]]
             for n_cand, rounds in grids:
                 for preshifted in (False, True):
                     kw = dict(n_candidates=n_cand, rounds=rounds, preshifted=preshifted)
+                    full = dict(SEARCH_DEFAULTS, **kw)
                     n_new = _count_new_evaluations(lambda: fast.search(Xt, Wt, **kw))
                     n_fmt = rounds * 6 + 1
                     n_old = rounds * 2 * (n_cand + 3) + n_fmt
@@ -266,14 +281,15 @@ def search_section(quick: bool) -> tuple[dict, list[tuple[str, str, float, str]]
                         {
                             "old": lambda: _old_search(Xt, Wt, **kw),
                             "new": lambda: fast.search(Xt, Wt, **kw),
+                            "float": lambda: fast._search(Xt, Wt, None, **full, int_scoring=False),
                         },
                         1 if quick else 3,
                     )
-                    t_old, t_new = med(times["old"]), med(times["new"])
+                    t_old, t_new, t_float = (med(times[k]) for k in ("old", "new", "float"))
                     if (n_cand, rounds) == (20, 2):
                         totals["old"] += t_old
                         totals["new"] += t_new
-                    # lower bound of any exact search scoring the same candidates: their GEMMs
+                    # the floor of float32 scoring of the same candidates: their GEMMs
                     Xq, Wq = Xt.clone(), Wt.clone()
                     gemm = med(interleaved({"gemm": lambda: Xq @ Wq.T}, 20)["gemm"])
                     floor = gemm * (n_new - n_fmt)
@@ -285,6 +301,7 @@ def search_section(quick: bool) -> tuple[dict, list[tuple[str, str, float, str]]
                         "gemm_s": gemm,
                     }
                     table.append(("search", f"{tag}: {t_old:.3f} s -> {t_new:.3f} s", t_old / t_new, "old / new, per search (x)"))  # fmt: skip
+                    table.append(("search", f"{tag}: float32 GEMMs {t_float:.3f} s", t_float / t_new, "float32-scored / int-scored (x)"))  # fmt: skip
                     table.append(
                         (
                             "search",
@@ -298,7 +315,7 @@ def search_section(quick: bool) -> tuple[dict, list[tuple[str, str, float, str]]
                             "search",
                             f"{tag}: GEMMs alone {floor:.3f} s",
                             t_new / floor,
-                            "new / its candidates' fp32 GEMMs (x, >= 1)",
+                            "new / its candidates' fp32 GEMMs (x; < 1: integer scoring)",
                         )
                     )
     finally:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable
+from functools import partial
 from typing import Any
 
 import numpy as np
@@ -294,6 +295,23 @@ class _Buffers:
         return t[:n].view(shape)
 
 
+def _round_into(
+    x: torch.Tensor, fmt: FPFormat, b: torch.Tensor, y: torch.Tensor, step: torch.Tensor
+) -> None:
+    """Steps 1-4 of ``_round_scaled`` for a bias with a leading candidate dimension, written into
+    preallocated float64 arrays: b (n, 1, 1), (n, rows, 1) or (n, 1, cols) against x (rows,
+    cols) leaves y = round(clip(x 2^b) / step) and step = 2^(p - M), both (n, rows, cols)."""
+    scale, _ = _bias_scales(b)
+    torch.mul(x, scale, out=y)  # x 2^b in float64: exact for float32 x
+    Qmax0 = _qmax0(fmt)
+    y.clamp_(-Qmax0, Qmax0)  # 1. clip
+    # 2.-3. the step 2^(p - M) with p = max(floor(log2|y|), 1), from y's exponent bits
+    torch.bitwise_and(y.view(torch.int64), 0x7FF0000000000000, out=step.view(torch.int64))
+    step.clamp_(min=2.0).mul_(2.0**-fmt.mbits)
+    y.div_(step)  # exact: a power-of-two scaling
+    torch.round(y, out=y)  # 4. round half to even
+
+
 def _fake_quant_into(
     x: torch.Tensor,
     fmt: FPFormat,
@@ -302,25 +320,28 @@ def _fake_quant_into(
     step: torch.Tensor,
     out: torch.Tensor | None,
 ) -> torch.Tensor:
-    """``quantize(x, fmt, b)`` for a bias with a leading candidate dimension, written into
-    preallocated arrays: b (n, 1, 1), (n, rows, 1) or (n, 1, cols) against x (rows, cols) fills
-    y and step (float64, (n, rows, cols)) and returns the values as ``out``'s dtype (``out``
-    None: y itself, float64). The same float64 arithmetic as ``_round_scaled`` (bit-identical
-    values), without the argument checks or the kernel dispatch."""
-    M = fmt.mbits
-    scale, scale_inv = _bias_scales(b)
-    torch.mul(x, scale, out=y)  # x 2^b in float64: exact for float32 x
-    Qmax0 = _qmax0(fmt)
-    y.clamp_(-Qmax0, Qmax0)  # 1. clip
-    # 2.-3. the step 2^(p - M) with p = max(floor(log2|y|), 1), from y's exponent bits
-    torch.bitwise_and(y.view(torch.int64), 0x7FF0000000000000, out=step.view(torch.int64))
-    step.clamp_(min=2.0).mul_(2.0**-M)
-    y.div_(step)  # exact: a power-of-two scaling
-    torch.round(y, out=y)  # 4. round half to even
-    y.mul_(step).mul_(scale_inv)  # q 2^-b, exact in float64
+    """``quantize(x, fmt, b)`` for a bias with a leading candidate dimension (see
+    ``_round_into``), returned as ``out``'s dtype (``out`` None: y itself, float64). The same
+    float64 arithmetic as ``_round_scaled`` (bit-identical values), without the argument checks
+    or the kernel dispatch."""
+    _round_into(x, fmt, b, y, step)
+    y.mul_(step).mul_(_bias_scales(b)[1])  # q 2^-b, exact in float64
     if out is None:
         return y
     return out.copy_(y)  # float32: the same single rounding as quantize's .float()
+
+
+def _once(make: Callable[[], Any] | None) -> Callable[[], Any]:
+    """``make``, called at most once: a step's fixed operand, built only if a scorer needs it."""
+    kept: list = []
+
+    def get() -> Any:
+        if not kept:
+            assert make is not None
+            kept.append(make())
+        return kept[0]
+
+    return get
 
 
 def _batch(per_candidate_bytes: int, device: torch.device) -> int:
@@ -328,6 +349,175 @@ def _batch(per_candidate_bytes: int, device: torch.device) -> int:
     SEARCH_CHUNK_BYTES_GPU (other devices), at least one."""
     limit = SEARCH_CHUNK_BYTES if device.type == "cpu" else SEARCH_CHUNK_BYTES_GPU
     return max(1, limit // max(1, per_candidate_bytes))
+
+
+# ---- exact integer scoring (CPU, float32 work) ------------------------------------------------------
+# At bias 0 a format's values are integers times 2^(1 - M), the step of binade 1. So W quantized
+# with per-row biases is f_o I (|I| <= Qmax0 2^(M - 1): 64 for E3M0, 12 for E2M1, 7 for E1M2) and
+# X quantized with tensor bias t and pre-shifts k_c is f 2^(k_max - k_c) I. A candidate's output
+# Xq Wq^T is then f f_o times an integer GEMM, exact in int32, and torch's int8 GEMM runs about 8x
+# faster than its float32 GEMM on CPUs with VNNI (2 cores: 520 against 66 GFLOP/s). Integers wider
+# than int8 (the pre-shift's 2^(k_max - k_c), 8-bit formats) are split into 7-bit limbs, one GEMM
+# per pair of limbs; a weight / activation format pair is scored this way when it needs at most
+# MAX_LIMB_PAIRS GEMMs, else with float32 GEMMs. The float factors are applied to the exact
+# products, so each error is a float32 mean of squares like the float32 path's, from exact
+# rather than rounded products.
+
+INT_SCORING_CACHE_BYTES = 256 * 2**20  # one format's fixed candidates' codes, kept for later rounds
+MAX_LIMB_PAIRS = 4  # beyond, float32 GEMMs are faster; also caps the limbs (int32 holds 4)
+
+
+def _int_unit(fmt: FPFormat) -> float:
+    """2^(M - 1): bias-0 values times this are integers."""
+    return 2.0 ** (fmt.mbits - 1)
+
+
+def _int_max(fmt: FPFormat, shifted: bool = False) -> int:
+    """Largest integer code magnitude; ``shifted``: times the widest pre-shift 2^(2^E - 1)."""
+    return int(_qmax0(fmt) * _int_unit(fmt)) << ((2**fmt.ebits - 1) if shifted else 0)
+
+
+def _limbs_for(vmax: int) -> int:
+    """7-bit limbs (the top one a signed int8) that hold integers of magnitude <= vmax."""
+    n = 1
+    while vmax > 127 << (7 * (n - 1)):
+        n += 1
+    return n
+
+
+def _split_limbs(y: torch.Tensor, n: int) -> torch.Tensor:
+    """Exact integers (float64, |y| < 127 * 2^21 for n <= 4) -> (n, *y.shape) int8 limbs, low
+    first: the low ones in [0, 127], the top one signed."""
+    v = y.to(torch.int32)
+    limbs = []
+    for _ in range(n - 1):
+        limbs.append((v & 127).to(torch.int8))
+        v >>= 7
+    limbs.append(v.to(torch.int8))
+    return torch.stack(limbs)
+
+
+def _limb_mm(lhs: list[torch.Tensor], rhs: list[torch.Tensor]) -> torch.Tensor:
+    """(sum_l 2^7l lhs_l) @ (sum_l 2^7l rhs_l) as float32: one exact int8 GEMM per limb pair."""
+    out: torch.Tensor | None = None
+    for i, a in enumerate(lhs):
+        for k, b in enumerate(rhs):
+            p = torch._int_mm(a, b).float()
+            if out is None:
+                out = p.mul_(2.0 ** (7 * (i + k))) if i + k else p
+            else:
+                out.add_(p, alpha=2.0 ** (7 * (i + k)))
+    assert out is not None
+    return out
+
+
+class _IntScorer:
+    """Scores a search's bias candidates with exact integer GEMMs (see the comment above). The
+    codes of each format's fixed candidates ([b0, grid]) are computed once and reused by every
+    round."""
+
+    @staticmethod
+    def applies(x: torch.Tensor) -> bool:
+        """CPU float32 work, and int32 accumulation safe: a limb GEMM sums d_in products of two
+        limbs of magnitude <= 128."""
+        return x.device.type == "cpu" and x.dtype == torch.float32 and x.shape[1] < 2**31 >> 14
+
+    def __init__(self, x, w, target, wfmts, afmts, a_b0c, preshifted, bufs):
+        self.x, self.w, self.wfmts, self.afmts = x, w, wfmts, afmts
+        self.target = target  # (tokens, out): y_fp minus the layer bias, float32
+        self.target_t = target.T.contiguous()
+        self.a_b0c, self.preshifted, self.bufs = a_b0c, preshifted, bufs
+        self.cache: dict = {}  # the fixed candidates' codes, per tensor and format
+        self.w_limbs = [_limbs_for(_int_max(f)) for f in wfmts]
+        self.a_limbs = [_limbs_for(_int_max(f, preshifted)) for f in afmts]
+
+    def pays(self, jw: int, ja: int) -> bool:
+        """Whether weight format jw against activation format ja is scored with integers."""
+        return self.w_limbs[jw] * self.a_limbs[ja] <= MAX_LIMB_PAIRS
+
+    def _work(self, shape):
+        return self.bufs.get("y", shape, torch.float64), self.bufs.get("step", shape, torch.float64)
+
+    def w_codes(self, j: int, bias: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(k, out) biases of weight format j -> int8 limbs (limbs, k, out, in), factors (k, out)."""
+        fmt = self.wfmts[j]
+        y, step = self._work((bias.shape[0], *self.w.shape))
+        _round_into(self.w, fmt, bias[:, :, None], y, step)
+        y.mul_(step.mul_(_int_unit(fmt)))  # exact integers
+        return _split_limbs(y, self.w_limbs[j]), _bias_scales(bias)[1] / _int_unit(fmt)
+
+    def x_codes(self, j: int, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(k,) tensor biases of activation format j -> int8 limbs (limbs, k, tokens, in) and
+        factors (k,)."""
+        fmt = self.afmts[j]
+        y, step = self._work((t.shape[0], *self.x.shape))
+        K = 2**fmt.ebits - 1 if self.preshifted else 0
+        if self.preshifted:  # preshift's k_c per candidate, as a_effective_many computes them
+            z = torch.round(t)[:, None]
+            k = torch.minimum(torch.maximum(torch.round(self.a_b0c[j])[None], z), z + K) - z
+            _round_into(self.x, fmt, (t[:, None] + k)[:, None, :], y, step)
+            step.mul_(torch.exp2(K - k)[:, None, :])
+        else:
+            _round_into(self.x, fmt, t[:, None, None], y, step)
+        y.mul_(step.mul_(_int_unit(fmt)))  # exact integers, |v| <= _int_max(fmt, preshifted)
+        return _split_limbs(y, self.a_limbs[j]), _bias_scales(t)[1] / (_int_unit(fmt) * 2.0**K)
+
+    @staticmethod
+    def _batches(n: int, per_candidate_bytes: int):
+        c = min(n, _batch(per_candidate_bytes, torch.device("cpu")))
+        return [(c0, min(n, c0 + c)) for c0 in range(0, n, c)]
+
+    def _codes(self, key, cands, make, code_bytes: int, batches):
+        """(limbs (limbs, k, ...), factors (k, ...)) of each candidate batch; computed once and
+        kept for later rounds when all of them fit INT_SCORING_CACHE_BYTES."""
+        whole = self.cache.get(key)
+        if whole is None:
+            parts = [make(cands[c0:c1]) for c0, c1 in batches]
+            if code_bytes * cands.shape[0] > INT_SCORING_CACHE_BYTES:
+                return parts
+            whole = (torch.cat([p[0] for p in parts], 1), torch.cat([p[1] for p in parts]))
+            self.cache[key] = whole
+        return [(whole[0][:, c0:c1], whole[1][c0:c1]) for c0, c1 in batches]
+
+    def w_errors(self, j: int, cands: torch.Tensor, xq) -> torch.Tensor:
+        """Per-row MSE (n, out) of weight format j's candidates (n, out), X quantized as ``xq``
+        (``x_codes`` of one candidate)."""
+        x_limbs, fx = xq
+        n, (d_out, d_in), tokens = cands.shape[0], self.w.shape, self.x.shape[0]
+        rhs = [v[0].T.contiguous() for v in x_limbs]  # (in, tokens) per limb
+        L = self.w_limbs[j]
+        batches = self._batches(n, (16 + L) * d_out * d_in + 8 * d_out * tokens)
+        codes = self._codes(
+            ("w", j), cands, lambda c: self.w_codes(j, c), L * d_out * d_in, batches
+        )
+        err = torch.empty(n, d_out)
+        for (c0, c1), (w_limbs, fw) in zip(batches, codes):
+            k = c1 - c0
+            lhs = [v.reshape(k * d_out, d_in) for v in w_limbs]
+            Y = _limb_mm(lhs, rhs).view(k, d_out, tokens)
+            Y.mul_((fw * fx).float()[:, :, None]).sub_(self.target_t).square_()
+            torch.mean(Y, dim=2, out=err[c0:c1])
+        return err
+
+    def a_errors(self, j: int, cands: torch.Tensor, wq) -> torch.Tensor:
+        """MSE (n,) of activation format j's candidates (n,), W quantized as ``wq`` (``w_codes``
+        of one candidate)."""
+        w_limbs, fw = wq  # (limbs, 1, out, in), (1, out)
+        n, (tokens, d_in), d_out = cands.shape[0], self.x.shape, self.w.shape[0]
+        rhs = [v[0].T.contiguous() for v in w_limbs]  # (in, out) per limb
+        L = self.a_limbs[j]
+        batches = self._batches(n, (16 + L) * tokens * d_in + 8 * tokens * d_out)
+        codes = self._codes(
+            ("a", j), cands, lambda c: self.x_codes(j, c), L * tokens * d_in, batches
+        )
+        err = torch.empty(n)
+        for (c0, c1), (x_limbs, fx) in zip(batches, codes):
+            k = c1 - c0
+            lhs = [v.reshape(k * tokens, d_in) for v in x_limbs]
+            Y = _limb_mm(lhs, rhs).view(k, tokens, d_out)
+            Y.mul_((fx[:, None] * fw).float()[:, None, :]).sub_(self.target).square_()
+            torch.mean(Y, dim=(1, 2), out=err[c0:c1])
+        return err
 
 
 def search(
@@ -356,9 +546,37 @@ def search(
     of equal errors wins, as in the reference. A bias step whose inputs (the other tensor's format
     and biases) did not change since the same step last ran is skipped: it would return the
     current biases (they are its first candidates and were the best of the same errors).
-    Matmuls run in float32 (float64 for float64 inputs); the quantizer is exact. Returns
-    ``FPQSearchResult`` holding torch tensors (float64 biases, int64 shifts).
+    float64 inputs: float64 GEMMs, the reference's results bit for bit. float32 inputs on CPU
+    with formats of at most 4-bit-like code ranges (every 4-bit search; see ``_IntScorer``):
+    exact integer GEMMs on the codes, float32 errors. Otherwise float32 GEMMs. The quantizer is
+    exact throughout. Returns ``FPQSearchResult`` holding torch tensors (float64 biases, int64
+    shifts).
     """
+    return _search(
+        x, w, b, wbits=wbits, abits=abits, preshifted=preshifted, gamma1=gamma1, gamma2=gamma2,
+        n_candidates=n_candidates, rounds=rounds, search_space=search_space, w_formats=w_formats,
+        a_formats=a_formats,
+    )  # fmt: skip
+
+
+def _search(
+    x: torch.Tensor,
+    w: torch.Tensor,
+    b: torch.Tensor | None,
+    *,
+    wbits: int,
+    abits: int,
+    preshifted: bool,
+    gamma1: float,
+    gamma2: float,
+    n_candidates: int,
+    rounds: int,
+    search_space: str,
+    w_formats: list[FPFormat] | None,
+    a_formats: list[FPFormat] | None,
+    int_scoring: bool = True,
+) -> FPQSearchResult:
+    """``search``; ``int_scoring=False`` forces the float GEMM path (for tests and benchmarks)."""
     _check_search_args(x, w, wbits, abits, gamma1, gamma2, n_candidates, rounds, search_space)
     if b is not None:
         _check_layer_bias(tuple(b.shape), w.shape[0])
@@ -386,8 +604,8 @@ def search(
     w_b0 = [bias_from_max(w_absmax, f) for f in wfmts]
     w_cur = [v.clone() for v in w_b0]
     w_grid = [_candidates(v, factors, log2_factors, search_space) for v in w_b0]  # (k+1, out)
+    a_b0c = [bias_from_max(x.abs().amax(dim=0), f) for f in afmts] if preshifted else []
     if preshifted:
-        a_b0c = [bias_from_max(x.abs().amax(dim=0), f) for f in afmts]
         a_b0 = [v.min() for v in a_b0c]
     else:
         a_b0 = [bias_from_max(x.abs().amax(), f) for f in afmts]
@@ -421,10 +639,9 @@ def search(
     bufs = _Buffers(dev)
     q_out = work != torch.float64  # float32 work: the quantized operand gets its own array
 
-    def search_w_bias(XqT: torch.Tensor, j: int) -> torch.Tensor:
-        """Format j's per-output-channel best over [current, b0, grid], X quantized (fixed);
-        XqT: (in, tokens)."""
-        cands = torch.cat([w_cur[j][None], w_b0[j][None], w_grid[j]])  # (n, out)
+    def float_w_errors(j: int, cands: torch.Tensor, XqT: torch.Tensor) -> torch.Tensor:
+        """Per-row MSE (n, out) of format j's weight candidates (n, out), X quantized (fixed):
+        XqT (in, tokens)."""
         n = cands.shape[0]
         c = min(n, _batch((16 + itemsize * q_out) * d_out * d_in + itemsize * d_out * tokens, dev))
         err = torch.empty(n, d_out, dtype=work, device=dev)
@@ -442,15 +659,11 @@ def search(
             Yt = torch.matmul(Wq, XqT, out=bufs.get("Y", (k, d_out, tokens), work))
             Yt.add_(bias_vec[:, None]).sub_(y_fp_t).square_()  # (k, out, tokens)
             torch.mean(Yt, dim=2, out=err[c0 : c0 + k])  # per output column
-        # the reference keeps a candidate only when strictly better: NaN never wins
-        err = torch.where(torch.isnan(err), torch.inf, err)
-        best = torch.argmin(err, dim=0)  # (out,) the first of equal errors, per column
-        return cands.gather(0, best[None]).squeeze(0)
+        return err
 
-    def search_a_bias(WqT: torch.Tensor, j: int) -> torch.Tensor:
-        """Format j's best tensor (part of the) bias over [current, b0, grid], W quantized
-        (fixed); WqT: (in, out)."""
-        cands = torch.cat([a_cur[j][None], a_b0[j][None], a_grid[j]])  # (n,)
+    def float_a_errors(j: int, cands: torch.Tensor, WqT: torch.Tensor) -> torch.Tensor:
+        """MSE (n,) of format j's activation tensor-bias candidates, W quantized (fixed): WqT
+        (in, out)."""
         n = cands.shape[0]
         c = min(n, _batch((16 + itemsize * q_out) * tokens * d_in + itemsize * tokens * d_out, dev))
         err = torch.empty(n, dtype=work, device=dev)
@@ -468,7 +681,51 @@ def search(
             Y = torch.matmul(Xq, WqT, out=bufs.get("Y", (k, tokens, d_out), work))
             Y.add_(bias_vec).sub_(y_fp).square_()  # (k, tokens, out)
             torch.mean(Y, dim=(1, 2), out=err[c0 : c0 + k])
-        return cands[torch.argmin(err)]  # the first of equal errors (and NumPy's NaN rule)
+        return err
+
+    scorer = None
+    if int_scoring and _IntScorer.applies(x):
+        scorer = _IntScorer(x, w, y_fp - bias_vec, wfmts, afmts, a_b0c, preshifted, bufs)
+
+    # w_cur / a_cur are always one of [b0, grid] (their first entries): their indices there
+    w_idx = [torch.zeros(d_out, dtype=torch.long, device=dev) for _ in wfmts]
+    a_idx = [0 for _ in afmts]
+
+    def search_w_bias(j: int, ja: int, xq_int, xq_float) -> torch.Tensor:
+        """Format j's per-output-channel best over [current, b0, grid], X quantized (fixed) in
+        format ja: as integer codes (``xq_int()``) or float (``xq_float()``, (in, tokens))."""
+        fixed = torch.cat([w_b0[j][None], w_grid[j]])  # (n, out): the same every round
+        if scorer is not None and scorer.pays(j, ja):
+            # the current biases' errors are among the fixed candidates' (exact products)
+            err = scorer.w_errors(j, fixed, xq_int())
+            err = torch.cat([err.gather(0, w_idx[j][None]), err])
+        else:
+            err = float_w_errors(j, torch.cat([w_cur[j][None], fixed]), xq_float())
+        # the reference keeps a candidate only when strictly better: NaN never wins
+        err = torch.where(torch.isnan(err), torch.inf, err)
+        best = torch.argmin(err, dim=0)  # (out,) the first of equal errors, per column
+        w_idx[j] = torch.where(best == 0, w_idx[j], best - 1)
+        return fixed.gather(0, w_idx[j][None]).squeeze(0)
+
+    def search_a_bias(j: int, jw: int, wq_int, wq_float) -> torch.Tensor:
+        """Format j's best tensor (part of the) bias over [current, b0, grid], W quantized
+        (fixed) in format jw: as integer codes (``wq_int()``) or float (``wq_float()``, (in, out))."""
+        fixed = torch.cat([a_b0[j][None], a_grid[j]])  # (n,)
+        if scorer is not None and scorer.pays(jw, j):
+            err = scorer.a_errors(j, fixed, wq_int())
+            err = torch.cat([err[a_idx[j]][None], err])
+        else:
+            err = float_a_errors(j, torch.cat([a_cur[j][None], fixed]), wq_float())
+        best = int(torch.argmin(err))  # the first of equal errors (and NumPy's NaN rule)
+        if best:
+            a_idx[j] = best - 1
+        return fixed[a_idx[j]]
+
+    def quantized_x_t(j: int, t: torch.Tensor) -> torch.Tensor:
+        return quantize(x, afmts[j], a_effective(j, t)).to(work).T.contiguous()  # (in, tokens)
+
+    def quantized_w_t(j: int, wb: torch.Tensor) -> torch.Tensor:
+        return quantize(w, wfmts[j], wb[:, None]).to(work).T.contiguous()  # (in, out)
 
     iw = min(range(len(wfmts)), key=lambda i: abs(wfmts[i].mbits - (wbits - 1) // 2))
     ia = min(range(len(afmts)), key=lambda i: abs(afmts[i].mbits - (abits - 1) // 2))
@@ -482,18 +739,18 @@ def search(
                 if w_seen is not None and w_seen[0] == ia and torch.equal(w_seen[1], a_cur[ia]):
                     continue  # same quantized X as last time: every format keeps its biases
                 w_seen = (ia, a_cur[ia])
-                Xq = quantize(x, afmts[ia], a_effective(ia, a_cur[ia])).to(work)
-                XqT = Xq.T.contiguous()  # (in, tokens)
+                xq_int = _once(partial(scorer.x_codes, ia, a_cur[ia][None]) if scorer else None)
+                xq_float = _once(partial(quantized_x_t, ia, a_cur[ia]))
                 for j in range(len(wfmts)):
-                    w_cur[j] = search_w_bias(XqT, j)
+                    w_cur[j] = search_w_bias(j, ia, xq_int, xq_float)
             elif step_name == "ab":
                 if a_seen is not None and a_seen[0] == iw and torch.equal(a_seen[1], w_cur[iw]):
                     continue  # same quantized W as last time
                 a_seen = (iw, w_cur[iw])
-                Wq = quantize(w, wfmts[iw], w_cur[iw][:, None]).to(work)
-                WqT = Wq.T.contiguous()  # (in, out)
+                wq_int = _once(partial(scorer.w_codes, iw, w_cur[iw][None]) if scorer else None)
+                wq_float = _once(partial(quantized_w_t, iw, w_cur[iw]))
                 for j in range(len(afmts)):
-                    a_cur[j] = search_a_bias(WqT, j)
+                    a_cur[j] = search_a_bias(j, iw, wq_int, wq_float)
             elif step_name == "wf":
                 errs = torch.stack(
                     [mse(output(j, w_cur[j], ia, a_cur[ia])) for j in range(len(wfmts))]

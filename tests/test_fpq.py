@@ -592,6 +592,144 @@ def test_fast_search_batches_match_reference(monkeypatch, chunk_bytes):
             _assert_fast_search_matches(x, w, b, wbits=bits, abits=bits, **kw)
 
 
+def _scorer(x, w, bits, preshifted):
+    """An integer scorer for float32 x, w at the default formats of ``bits``."""
+    x, w = torch.from_numpy(x).float(), torch.from_numpy(w).float()
+    afmts = F.default_formats(bits)
+    a_b0c = [F.bias_from_max(x.abs().amax(dim=0), f) for f in afmts] if preshifted else []
+    assert F._IntScorer.applies(x)
+    sc = F._IntScorer(
+        x, w, x @ w.T, F.default_formats(bits), afmts, a_b0c, preshifted, F._Buffers(x.device)
+    )
+    return x, w, sc
+
+
+def _unlimb(limbs: torch.Tensor) -> torch.Tensor:
+    """The integers that 7-bit limbs (low first, the top one signed) hold."""
+    assert limbs.dtype == torch.int8
+    if limbs.shape[0] > 1:
+        assert int(limbs[:-1].min()) >= 0  # the low limbs are unsigned 7-bit digits
+    return sum(limb.long() << (7 * i) for i, limb in enumerate(limbs))
+
+
+@pytest.mark.parametrize("preshifted", [False, True], ids=["per-tensor", "pre-shifted"])
+@pytest.mark.parametrize("bits", [4, 8])
+def test_integer_codes_and_limbs_rebuild_the_quantized_operands(preshifted, bits):
+    """The integer scorer's codes times their factors are the quantizer's values (float64 truth;
+    exact for weights, to the pre-shift factor's rounding for activations), and the 7-bit limbs
+    put back together are the codes: 1 limb (4-bit formats, E1M6) to 4 (E4M3 activations
+    pre-shifted, E5M2 weights ...), every format that fits int32."""
+    rng = np.random.default_rng(5)
+    x = (rng.standard_t(3, (40, 24)) * np.exp(rng.standard_normal(24))).astype(np.float32)
+    x[:, 3] = 0.0
+    w = (rng.standard_t(4, (10, 24)) * 0.1).astype(np.float32)
+    w[2] = 0.0
+    xt, wt, sc = _scorer(x, w, bits, preshifted)
+    checked = 0
+    for j, fmt in enumerate(sc.afmts):
+        assert sc.a_limbs[j] == F._limbs_for(F._int_max(fmt, preshifted))
+        if sc.a_limbs[j] > 4:  # never split: such formats are scored with float32 GEMMs
+            continue
+        t = torch.tensor([-1.3, 0.0, 2.7], dtype=torch.float64) + (
+            sc.a_b0c[j].min() if preshifted else F.bias_from_max(xt.abs().amax(), fmt)
+        )
+        limbs, fx = sc.x_codes(j, t)
+        assert limbs.shape[:2] == (sc.a_limbs[j], 3)
+        v = _unlimb(limbs)
+        for c in range(t.shape[0]):
+            bias = t[c] if not preshifted else t[c] + F.preshift(sc.a_b0c[j], fmt, t[c])[1]
+            truth = R.quantize(x.astype(np.float64), fmt, bias.numpy())
+            np.testing.assert_allclose((v[c].double() * fx[c]).numpy(), truth, rtol=2.0**-48)
+        checked += 1
+    for j, fmt in enumerate(sc.wfmts):
+        if sc.w_limbs[j] > 4:
+            continue
+        bias = F.bias_from_max(wt.abs().amax(dim=1), fmt)[None] + torch.tensor([[0.0], [0.6]])
+        limbs, fw = sc.w_codes(j, bias)
+        assert limbs.shape == (sc.w_limbs[j], 2, *w.shape)
+        v = _unlimb(limbs)
+        for c in range(2):
+            truth = R.quantize(w.astype(np.float64), fmt, bias[c].numpy()[:, None])
+            np.testing.assert_array_equal((v[c].double() * fw[c][:, None]).numpy(), truth)
+        checked += 1
+    assert checked >= (6 if bits == 4 else 7)
+
+
+@pytest.mark.parametrize("preshifted", [False, True], ids=["per-tensor", "pre-shifted"])
+@pytest.mark.parametrize(
+    "bits, w_fmt, a_fmt",
+    [(4, E2M1, E3M0), (8, FPFormat(3, 4), FPFormat(2, 5))],
+    ids=["E2M1xE3M0", "E3M4xE2M5"],
+)
+def test_integer_scores_are_the_float64_errors(preshifted, bits, w_fmt, a_fmt):
+    """Per-row weight-candidate errors and activation-candidate errors from the exact integer
+    GEMMs equal the float64 errors of the quantized operands to float32 rounding: one limb
+    against two (E3M0 pre-shifted) and two against two (the 8-bit pair)."""
+    rng = np.random.default_rng(9)
+    x = (rng.standard_t(3, (64, 40)) * np.exp(rng.standard_normal(40))).astype(np.float32)
+    w = (rng.standard_t(4, (12, 40)) * 0.1).astype(np.float32)
+    xt, wt, sc = _scorer(x, w, bits, preshifted)
+    afmts = sc.afmts
+    y = x.astype(np.float64) @ w.astype(np.float64).T
+    ja, jw = afmts.index(a_fmt), sc.wfmts.index(w_fmt)
+    assert sc.pays(jw, ja) and sc.w_limbs[jw] * sc.a_limbs[ja] > (
+        1 if preshifted or bits == 8 else 0
+    )
+    t0 = sc.a_b0c[ja].min() if preshifted else F.bias_from_max(xt.abs().amax(), afmts[ja])
+    t = t0 + torch.linspace(-2, 2, 7, dtype=torch.float64)
+
+    def xq(tc):
+        bias = tc if not preshifted else tc + F.preshift(sc.a_b0c[ja], afmts[ja], tc)[1]
+        return R.quantize(x.astype(np.float64), afmts[ja], bias.numpy())
+
+    wb = (
+        F.bias_from_max(wt.abs().amax(dim=1), sc.wfmts[jw])[None]
+        + torch.linspace(-1, 1, 5)[:, None].double()
+    )
+    got = sc.w_errors(jw, wb, sc.x_codes(ja, t[3:4])).numpy()
+    for c in range(wb.shape[0]):
+        wq = R.quantize(w.astype(np.float64), sc.wfmts[jw], wb[c].numpy()[:, None])
+        want = np.mean((xq(t[3]) @ wq.T - y) ** 2, axis=0)
+        np.testing.assert_allclose(got[c], want, rtol=1e-5, atol=1e-12 * want.max())
+    got = sc.a_errors(ja, t, sc.w_codes(jw, wb[2:3])).numpy()
+    wq = R.quantize(w.astype(np.float64), sc.wfmts[jw], wb[2].numpy()[:, None])
+    want = [np.mean((xq(tc) @ wq.T - y) ** 2) for tc in t]
+    np.testing.assert_allclose(got, want, rtol=1e-5)
+
+
+@pytest.mark.parametrize("cache_bytes", [None, 0], ids=["cached", "uncached"])
+def test_integer_scored_search_matches_reference(monkeypatch, cache_bytes):
+    """float32 inputs on CPU take the integer scoring (every format pair of at most
+    MAX_LIMB_PAIRS limb GEMMs, float32 GEMMs for the rest: 4-bit, mixed 4/8-bit and 8-bit
+    searches mix both): the same formats and biases as the reference on the same values,
+    in batches of a few candidates, with codes kept across rounds or recomputed; the zero row,
+    zero channel and all-zero input tie as in the float64 test above."""
+    monkeypatch.setattr(F, "SEARCH_CHUNK_BYTES", 40_000)
+    if cache_bytes is not None:
+        monkeypatch.setattr(F, "INT_SCORING_CACHE_BYTES", cache_bytes)
+    for seed in (7, 12, 3):
+        rng = np.random.default_rng(seed)
+        x = (rng.standard_t(3, (48, 20)) * np.exp(rng.standard_normal(20))).astype(np.float32)
+        w = (rng.standard_t(4, (9, 20)) * 0.1).astype(np.float32)
+        x[:, 5] = 0.0
+        w[3] = 0.0
+        for xi in (x, np.zeros_like(x)):
+            for wbits, abits, space, preshifted in [
+                (4, 4, "bias", False), (4, 4, "max", True), (4, 4, "bias", True),
+                (4, 8, "bias", False), (4, 8, "max", True), (8, 8, "bias", True),
+            ]:  # fmt: skip
+                kw = dict(
+                    wbits=wbits, abits=abits, rounds=3, n_candidates=12, preshifted=preshifted,
+                    search_space=space,
+                )  # fmt: skip
+                r = R.search(xi.astype(np.float64), w.astype(np.float64), **kw)
+                f = F.search(torch.from_numpy(xi), torch.from_numpy(w), **kw)
+                assert (f.w_format, f.a_format) == (r.w_format, r.a_format), (seed, kw)
+                np.testing.assert_array_equal(f.w_bias.numpy(), r.w_bias)
+                np.testing.assert_array_equal(f.a_bias.numpy(), r.a_bias)
+                assert f.mse == pytest.approx(r.mse, rel=1e-5, abs=1e-12)
+
+
 # ---- Triton kernels (interpreter on CPU; natively with -m gpu) ---------------------------------------
 
 
