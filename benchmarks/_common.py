@@ -1,4 +1,4 @@
-"""What every benchmark shares: interleaved timing with medians (PERF.md), the cold Numba
+"""What every benchmark shares: interleaved timing with medians (docs/benchmarks.md), the cold Numba
 compile measurement (P7), and writing the results JSON atomically."""
 
 from __future__ import annotations

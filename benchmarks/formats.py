@@ -1,4 +1,4 @@
-"""Number formats benchmark: correctness first, then ratios measured side by side (PERF.md).
+"""Number formats benchmark: correctness first, then ratios measured side by side (the speed goals of docs/benchmarks.md).
 
 CPU (always), float32 4096 x 4096 random-normal data:
 

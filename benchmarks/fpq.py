@@ -1,4 +1,4 @@
-"""LLM-FP4 (FPQ) benchmark: correctness first, then ratios measured side by side (PERF.md).
+"""LLM-FP4 (FPQ) benchmark: correctness first, then ratios measured side by side (the speed goals of docs/benchmarks.md).
 
 CPU (always): the reference (NumPy) vs the fast path (torch) for ``quantize`` with a per-tensor
 integer bias, a per-row real bias and a per-column real bias, for ``encode``, and for one layer's
@@ -15,7 +15,7 @@ time per scored candidate (quantize + GEMM + error of one candidate bias or form
 timing runs the new search with its float32 GEMMs instead of the exact integer scoring that
 float32 CPU searches use (``int_scoring=False``): the integer scoring's own speed-up.
 
-GPU (only when CUDA is available): PERF M4 (one-pass fake quant, E2M1 / E3M0 / E4M3, per-tensor
+GPU (only when CUDA is available): M4 (one-pass fake quant, E2M1 / E3M0 / E4M3, per-tensor
 and per-channel real bias, bf16 in/out) against same-run copy bandwidth and the eager torch path;
 M5-like encode to one uint8 code per element (the 4-bit nibble packing is a separate step here,
 so M5's "encode + pack" is not fused); the W4A4 / W4A8 FP linear on codes against a bf16

@@ -1,8 +1,8 @@
 """The first-GPU check: one command that, on a CUDA machine, runs every Triton kernel natively
-against the reference and measures PERF.md's GPU goals, within one device lease.
+against the reference and measures the GPU speed goals of docs/benchmarks.md, in one lease.
 
 1. ``pytest -m gpu`` with ``LOWBIT_NATIVE_TRITON=1``: every kernel against the reference at real
-   and ragged sizes natively, CUDA-graph capture of each quantized forward (PERF O1), launch
+   and ragged sizes natively, CUDA-graph capture of each quantized forward (O1), launch
    counts (O2). Log and JUnit XML go to the output folder.
 2. The GPU sections of ``benchmarks/formats.py`` (M4, M5), ``benchmarks/llm_int8.py`` (M1, M2,
    C1, C3, C7a-c, O1, O2; C7 against bitsandbytes when it imports) and ``benchmarks/fpq.py``

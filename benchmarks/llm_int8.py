@@ -1,4 +1,4 @@
-"""LLM.int8() benchmark: correctness first, then ratios measured side by side (PERF.md).
+"""LLM.int8() benchmark: correctness first, then ratios measured side by side (the speed goals of docs/benchmarks.md).
 
 CPU (always): row-wise int8 quantization of a float32 4096 x 4096 matrix with planted outlier
 columns, NumPy reference loop vs its Numba twin (P1 bit-identical, P2 speed), the public

@@ -9,13 +9,17 @@ Registered in mkdocs.yml (``hooks: [docs/hooks.py]``). At build time they
 * generate one API page per module name found in reference/, fast/ and kernels/ (so a page exists
   exactly for the modules that exist), and add them and the tutorials to the nav;
 * add every ``tutorials/NN-*.py`` as a page, which mkdocs-jupyter renders (executing it unless
-  ``LOWBIT_DOCS_EXECUTE=false``).
+  ``LOWBIT_DOCS_EXECUTE=false``), with progress bars and library chatter off (they would show as
+  stderr boxes on the pages);
+* serve MathJax 3 from the site (``javascripts/mathjax/tex-svg.js``, taken from the installed
+  django-static-mathjax wheel), so maths renders with no CDN at build or view time.
 
 Nothing is written into docs/: generated pages live only in the build.
 """
 
 from __future__ import annotations
 
+import importlib.resources
 import importlib.util
 import logging
 import os
@@ -33,6 +37,17 @@ SUBPACKAGES = ("reference", "fast", "kernels")  # folder == lowbit.<name>
 LINK_TREE = ROOT / ".docs-pkg"
 TUTORIAL_PATTERN = re.compile(r"^(\d\d)-[\w-]+\.py$")
 NAV_INSERT_BEFORE = "Benchmarks"  # the generated nav sections go in front of this entry
+MATHJAX_URI = "javascripts/mathjax/tex-svg.js"  # mkdocs.yml's extra_javascript names it
+# Set for the tutorials' kernels (they inherit the build's environment): tqdm (TQDM_* override
+# its defaults), Hugging Face Hub and transformers would print bars and notices to stderr.
+QUIET_ENV = {
+    "TQDM_DISABLE": "1",
+    "HF_HUB_DISABLE_PROGRESS_BARS": "1",
+    "TRANSFORMERS_VERBOSITY": "error",
+    "TRANSFORMERS_NO_ADVISORY_WARNINGS": "1",
+    # tqdm.auto warns at import in a kernel without ipywidgets
+    "PYTHONWARNINGS": "ignore:IProgress not found",
+}
 
 # API page titles and order; modules not listed here are appended alphabetically.
 API_TITLES = {
@@ -99,6 +114,20 @@ def api_modules() -> dict[str, list[str]]:
     return {stem: found[stem] for stem in sorted(found, key=rank.__getitem__)}
 
 
+def mathjax_bundle() -> Path:
+    """MathJax 3's single-file TeX-to-SVG bundle from the django-static-mathjax wheel (the docs
+    extra installs it)."""
+    try:
+        path = Path(str(importlib.resources.files("mathjax") / "static/mathjax/es5/tex-svg.js"))
+    except ModuleNotFoundError:
+        path = None
+    if path is None or not path.is_file():
+        raise RuntimeError(
+            "MathJax is missing: install the docs extra (pip install -e '.[docs]'), which brings django-static-mathjax"
+        )
+    return path
+
+
 def tutorials() -> list[Path]:
     return sorted(p for p in (ROOT / "tutorials").glob("*.py") if TUTORIAL_PATTERN.match(p.name))
 
@@ -145,6 +174,8 @@ def api_page(stem: str, subs: list[str]) -> str:
 
 @event_priority(100)  # before mkdocstrings' on_config, which fixes its search paths
 def on_config(config):
+    for key, value in QUIET_ENV.items():
+        os.environ.setdefault(key, value)
     build_link_tree()
     nav = config.nav
     if nav is None:
@@ -164,6 +195,7 @@ def on_config(config):
 @event_priority(100)  # before mkdocs-jupyter's on_files, which wraps the tutorial files
 def on_files(files: Files, config) -> Files:
     files.append(File.generated(config, "formats.md", content=_load_generator().render()))
+    files.append(File.generated(config, MATHJAX_URI, abs_src_path=str(mathjax_bundle())))
     for stem, subs in api_modules().items():
         files.append(File.generated(config, f"api/{stem}.md", content=api_page(stem, subs)))
     for path in tutorials():

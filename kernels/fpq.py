@@ -125,7 +125,7 @@ def supports(x: torch.Tensor, bias: torch.Tensor) -> bool:
 
 
 # Bytes: reads N·bytes(x) + writes N·bytes(out) (+ the bias, broadcast, negligible): a streaming
-# kernel; goal PERF M4 = 0.8-0.9 of copy bandwidth. FLOPs: ~12 float64 operations per element.
+# kernel; goal M4 (docs/benchmarks.md) = 0.8-0.9 of copy bandwidth. FLOPs: ~12 float64 operations per element.
 def fake_quant(
     x: torch.Tensor,
     ebits: int,

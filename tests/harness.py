@@ -109,6 +109,26 @@ def compare(name: str, fast_out: Any, ref_out: Any, tier, naive_out: Any = None)
             _fail(name, i, f, r, bad, tier)
 
 
+def check_types(name: str, fast_out: Any, ref_out: Any) -> None:
+    """Where the reference returns an array the fast path returns a tensor of the same dtype
+    (floats included: a float64 result where the reference gives float32 is a contract break,
+    as is a NumPy array from a fast function that fell back to the reference)."""
+    if isinstance(ref_out, (tuple, list)):
+        assert isinstance(fast_out, (tuple, list)) and len(fast_out) == len(ref_out), (
+            f"{name}: fast returns {type(fast_out).__name__}, reference {len(ref_out)} outputs"
+        )
+        for i, (f, r) in enumerate(zip(fast_out, ref_out)):
+            check_types(f"{name} output {i}", f, r)
+    elif isinstance(ref_out, np.ndarray):
+        assert isinstance(fast_out, torch.Tensor), (
+            f"{name}: fast returns {type(fast_out).__name__}, expected a torch.Tensor"
+        )
+        fast_dtype = to_numpy(fast_out).dtype
+        assert fast_dtype == ref_out.dtype, (
+            f"{name}: dtype {fast_dtype} (fast) != {ref_out.dtype} (reference)"
+        )
+
+
 def resolve(op: str) -> tuple[Callable, Callable]:
     """'formats.encode' -> (lowbit.reference.formats.encode, lowbit.fast.formats.encode)."""
     module, func = op.rsplit(".", 1)
@@ -143,6 +163,9 @@ def assert_matches_reference(
         t_args[i].requires_grad_(True)
     fast_out = fast_fn(*t_args, **t_kwargs)
     naive_out = naive(*to_torch(args), **to_torch(kwargs)) if naive is not None else None
+    # tier B: the reference computes in float64 (the oracle); the fast path returns the working
+    # precision, as the naive same-precision torch computation does
+    check_types(op, fast_out, to_numpy(naive_out) if isinstance(tier, MatmulTier) else ref_out)
     compare(op, fast_out, ref_out, tier, naive_out)
     if grad is None:
         return

@@ -12,9 +12,11 @@ from __future__ import annotations
 import html
 import importlib
 import importlib.util
+import json
 import math
 import os
 import re
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -300,6 +302,75 @@ def test_site_builds_strict_with_docstrings(tmp_path):
         assert (site / "tutorials" / tutorial.stem / "index.html").exists(), tutorial.name
 
 
+def hooks_module():
+    spec = importlib.util.spec_from_file_location("docs_hooks", DOCS / "hooks.py")
+    hooks = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(hooks)
+    return hooks
+
+
+def _tutorial_formulas() -> list[tuple[str, str, bool]]:
+    """(tutorial, TeX, display) for every $...$ and $$...$$ in the tutorials' markdown cells."""
+    found = []
+    for path in sorted((ROOT / "tutorials").glob("[0-9][0-9]-*.py")):
+        cells = path.read_text(encoding="utf-8").split("# %%")
+        for cell in cells:
+            if not cell.startswith(" [markdown]"):
+                continue
+            text = "\n".join(line[2:] for line in cell.splitlines()[1:] if line.startswith("#"))
+            for m in re.finditer(r"\$\$(.+?)\$\$|(?<![\\$])\$([^$]+?)\$", text, re.S):
+                found.append((path.name, m.group(1) or m.group(2), m.group(1) is not None))
+    return found
+
+
+MATHJAX_RENDER_JS = r"""
+const [dir, input] = [process.argv.at(-1), require("fs").readFileSync(0, "utf8")];
+require(dir + "/es5/node-main.js").init({loader: {load: ["input/tex", "output/svg", "adaptors/liteDOM"]}})
+  .then((MathJax) => {
+    const bad = [];
+    for (const [tex, display] of JSON.parse(input)) {
+      const html = MathJax.startup.adaptor.outerHTML(MathJax.tex2svg(tex, {display}));
+      // parse errors become merror nodes; undefined macros are drawn in red (noundefined)
+      if (html.includes("merror") || html.includes('"red"')) bad.push(tex);
+    }
+    console.log(JSON.stringify(bad));
+  });
+"""
+
+
+def test_site_serves_mathjax_and_every_tutorial_formula_renders(tmp_path):
+    """Maths renders offline: the site carries MathJax and its config (no CDN), tutorial pages
+    load them and keep their formulas in the markdown cells MathJax is told to process, and
+    every formula of the tutorials typesets without error through that same MathJax (node)."""
+    site = _build_site(tmp_path, execute=False)
+    bundle = site / "javascripts" / "mathjax" / "tex-svg.js"
+    assert bundle.read_bytes() == hooks_module().mathjax_bundle().read_bytes()
+    config = (site / "javascripts" / "mathjax-config.js").read_text(encoding="utf-8")
+    assert "jp-RenderedMarkdown" in config and '["$", "$"]' in config
+    formulas = _tutorial_formulas()
+    assert len(formulas) >= 5  # tutorial 02 writes its maths in TeX
+    for name in {f[0] for f in formulas}:
+        page = (site / "tutorials" / name[:-3] / "index.html").read_text(encoding="utf-8")
+        assert 'src="../../javascripts/mathjax/tex-svg.js"' in page
+        assert "cdn" not in page.lower().split("mathjax")[0][-200:]
+        tex = next(f[1] for f in formulas if f[0] == name)
+        cell = page.rfind('class="jp-RenderedHTMLCommon jp-RenderedMarkdown', 0, page.find(tex))
+        assert cell != -1, f"{name}: ${tex}$ is not inside a markdown cell MathJax processes"
+    node = shutil.which("node")
+    if node is None:
+        pytest.skip("node is not installed: the formulas' typesetting is not checked")
+    mathjax_dir = hooks_module().mathjax_bundle().parents[1]
+    result = subprocess.run(
+        [node, "-e", MATHJAX_RENDER_JS, str(mathjax_dir)],
+        input=json.dumps([[tex, display] for _, tex, display in formulas]),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert json.loads(result.stdout.strip().splitlines()[-1]) == []
+
+
 @pytest.mark.slow
 def test_site_renders_tutorial_outputs_and_plots(tmp_path):
     """The real docs build (as in CI): tutorials are executed and their plots embedded."""
@@ -307,3 +378,8 @@ def test_site_renders_tutorial_outputs_and_plots(tmp_path):
     page = (site / "tutorials" / "01-number-formats" / "index.html").read_text(encoding="utf-8")
     assert page.count('class="jp-RenderedImage') >= 3, "tutorial 01 has at least three plots"
     assert "0 mismatching codes" in page  # an executed output cell, not just the source
+    for tutorial in sorted((ROOT / "tutorials").glob("[0-9][0-9]-*.py")):
+        text = (site / "tutorials" / tutorial.stem / "index.html").read_text(encoding="utf-8")
+        # progress bars and library notices would show as red stderr boxes (docs/hooks.py)
+        stderr = re.search(r'<div[^>]*data-mime-type="application/vnd\.jupyter\.stderr"', text)
+        assert stderr is None, f"{tutorial.name} shows a stderr output"

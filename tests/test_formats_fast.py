@@ -364,7 +364,10 @@ def test_pack_round_trips_and_matches_reference(bits):
         n = codes.shape[-1] if codes.ndim else 1
         back = F.unpack(packed, bits, n=n)
         np.testing.assert_array_equal(back.numpy(), np.atleast_1d(codes))
-        assert packed.shape[-1] == -(-n * bits // 8) or bits in (3, 5, 6, 7)
+        # whole groups of g codes in g * bits / 8 bytes (3, 5, 6, 7 bits pad to their group)
+        g, nbytes = R._group(bits)
+        assert nbytes * 8 == g * bits and packed.shape[-1] == -(-n // g) * nbytes
+        assert -(-n * bits // 8) <= packed.shape[-1] < -(-n * bits // 8) + nbytes
 
 
 def test_pack_layout_is_little_endian_nibbles():

@@ -6,6 +6,8 @@ from __future__ import annotations
 import importlib
 import inspect
 import pkgutil
+import re
+from pathlib import Path
 
 import lowbit.fast
 import lowbit.reference
@@ -16,18 +18,40 @@ from hypothesis import strategies as st
 from tests.harness import assert_matches_reference
 from tests.pairs import PAIRS, TORCH_ONLY_MODULES
 
+ROOT = Path(__file__).resolve().parents[1]
+
+
+# Re-exported reference helpers that take and return no arrays (format names and lists): the
+# fast module offers them under the same name so that code can import everything from one side.
+SHARED_HELPERS = {"formats.parse_format", "fpq.default_formats"}
+
+
+def _fast_modules():
+    for info in pkgutil.iter_modules(lowbit.fast.__path__):
+        if not info.name.startswith("_") and info.name not in TORCH_ONLY_MODULES:
+            yield info.name, importlib.import_module(f"lowbit.fast.{info.name}")
+
+
+def _public_callables(module):
+    """Every public callable of a module that is not a class: the names of ``__all__``, and any
+    other public name bound to a callable defined in the module (a function, but also an
+    ``lru_cache`` or ``partial`` wrapper, which ``inspect.isfunction`` does not see)."""
+    names = set(getattr(module, "__all__", ()))
+    for name, obj in vars(module).items():
+        defined_here = getattr(obj, "__module__", None) == module.__name__
+        if not name.startswith("_") and callable(obj) and defined_here:
+            names.add(name)
+    for name in sorted(names):
+        obj = getattr(module, name)
+        if callable(obj) and not inspect.isclass(obj):
+            yield name, obj
+
 
 def _public_fast_functions():
-    for info in pkgutil.iter_modules(lowbit.fast.__path__):
-        if info.name.startswith("_") or info.name in TORCH_ONLY_MODULES:
-            continue
-        module = importlib.import_module(f"lowbit.fast.{info.name}")
-        for name, obj in vars(module).items():
-            if name.startswith("_") or not inspect.isfunction(obj):
-                continue
-            if obj.__module__ != module.__name__:
-                continue  # imported helpers are not this module's API
-            yield f"{info.name}.{name}", obj
+    for mod_name, module in _fast_modules():
+        for name, obj in _public_callables(module):
+            if f"{mod_name}.{name}" not in SHARED_HELPERS:
+                yield f"{mod_name}.{name}", obj
 
 
 FAST_FUNCTIONS = dict(_public_fast_functions())
@@ -38,6 +62,60 @@ def test_every_public_fast_function_has_a_pair():
     assert not missing, (
         f"public fast functions without a pair in tests/pairs/<method>.py: {missing}"
     )
+
+
+def test_fast_functions_are_not_the_reference_functions():
+    """A fast function that is the reference's own (an import instead of a torch version)
+    passes every pair test trivially; only the array-free SHARED_HELPERS may be shared."""
+    shared = []
+    for mod_name, module in _fast_modules():
+        ref_module = importlib.import_module(f"lowbit.reference.{mod_name}")
+        for name, obj in _public_callables(module):
+            ref_obj = getattr(ref_module, name, None)
+            if f"{mod_name}.{name}" not in SHARED_HELPERS and ref_obj is not None:
+                if obj is ref_obj or getattr(obj, "__module__", "").startswith("lowbit.reference"):
+                    shared.append(f"{mod_name}.{name}")
+    assert not shared, f"fast functions that are reference functions: {shared}"
+    for op in SHARED_HELPERS:
+        module, name = op.rsplit(".", 1)
+        assert getattr(importlib.import_module(f"lowbit.fast.{module}"), name) is getattr(
+            importlib.import_module(f"lowbit.reference.{module}"), name
+        ), f"{op} is listed as a shared helper but is not the reference's"
+
+
+def test_the_meta_test_sees_wrapped_and_imported_functions(monkeypatch):
+    """The checks above catch what the review found slipping through: a public lru_cache
+    function with no twin, and a fast function replaced by an import of the reference's."""
+    import functools
+
+    from lowbit.fast import fpq as fast_fpq
+    from lowbit.reference import fpq as ref_fpq
+
+    @functools.lru_cache
+    def table(bits: int) -> int:
+        return bits
+
+    table.__module__ = fast_fpq.__name__
+    monkeypatch.setattr(fast_fpq, "table", table, raising=False)
+    monkeypatch.setattr(fast_fpq, "bias_from_max", ref_fpq.bias_from_max)
+    found = dict(_public_fast_functions())
+    assert "fpq.table" in found and "fpq.table" not in PAIRS
+    with pytest.raises(AssertionError, match=r"fpq\.bias_from_max"):
+        test_fast_functions_are_not_the_reference_functions()
+
+
+def test_pairs_driven_elsewhere_name_a_test_that_exists():
+    """``tested_in`` names the dedicated test of a pair the Hypothesis runner skips."""
+    for op, pair in PAIRS.items():
+        if pair.tested_in is None:
+            continue
+        target = pair.tested_in.split(" ", 1)[0]
+        path, _, test_name = target.partition("::")
+        file = ROOT / path
+        assert file.is_file(), f"{op}: tested_in names {path}, which does not exist"
+        assert re.search(rf"^def {re.escape(test_name)}\(", file.read_text(), re.M), (
+            f"{op}: tested_in names {target}, which does not exist"
+        )
 
 
 @pytest.mark.parametrize("op", sorted(FAST_FUNCTIONS))
@@ -99,3 +177,21 @@ def test_every_public_reference_function_has_a_fast_twin():
         op for op in _public_reference_functions() if not op.endswith("_grad") and not has_twin(op)
     )
     assert not missing, f"reference functions without a fast twin: {missing}"
+
+
+def test_harness_rejects_arrays_and_other_dtypes_from_the_fast_side():
+    """``check_types``, which every pair runs: a NumPy result (a fast function that fell back to
+    the reference) and a float result of another dtype both fail."""
+    import numpy as np
+    import torch
+
+    from tests.harness import check_types
+
+    ref = (np.zeros(3, np.float32), np.zeros(3, np.uint8))
+    check_types("ok", (torch.zeros(3), torch.zeros(3, dtype=torch.uint8)), ref)
+    with pytest.raises(AssertionError, match="expected a torch.Tensor"):
+        check_types("numpy", (np.zeros(3, np.float32), torch.zeros(3, dtype=torch.uint8)), ref)
+    with pytest.raises(AssertionError, match="float64"):
+        check_types(
+            "dtype", (torch.zeros(3, dtype=torch.float64), torch.zeros(3, dtype=torch.uint8)), ref
+        )

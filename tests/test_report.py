@@ -555,6 +555,11 @@ def test_fpq_section_on_a_tiny_model(monkeypatch, quick):
     assert labels[:4] == ["W4A4 MinMax INT", "W4A4 MinMax E2M1", "W4A4 FPQ baseline", "W4A4 FPQ"]
     assert len(rows) == 10 and all(-1.0 <= r.quality <= 1.0 + 1e-6 for r in rows)
     assert all(r.method == "FPQ" and r.wbits and r.act_rel_err is not None for r in rows)
+    # the paper's W4A4 ordering: MinMax INT < MinMax E2M1 < FPQ baseline < FPQ (pre-shifted
+    # biases fit the heavy-tailed channels), and 8-bit beats 4-bit
+    q = {r.config: r.quality for r in rows}
+    assert q["W4A4 MinMax INT"] < q["W4A4 MinMax E2M1"] < q["W4A4 FPQ baseline"] < q["W4A4 FPQ"]
+    assert q["W4A4 FPQ"] < q["W4A8 FPQ baseline"] < q["W8A8 FPQ"]
     settings = fpq_section.FPQ_SEARCH_QUICK if quick else fpq_section.FPQ_SEARCH
     stated = f"{settings['n_candidates'] + 1} candidates, {settings['rounds']} rounds"
     assert stated in rows[2].note  # the reduced search is stated in the note

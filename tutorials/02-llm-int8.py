@@ -219,7 +219,7 @@ print(
 # ## 5. A small CPU benchmark
 #
 # Row-wise quantization of a 1024 x 1024 float32 matrix: the NumPy reference, its Numba loop
-# (bit-identical, PERF.md P1/P2), and the torch fast path. `benchmarks/llm_int8.py` runs the
+# (bit-identical, goals P1/P2 of the benchmarks page), and the torch fast path. `benchmarks/llm_int8.py` runs the
 # full set (and the GPU kernels against bitsandbytes when a GPU is present).
 
 # %%

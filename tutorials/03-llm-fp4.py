@@ -11,7 +11,7 @@
 # ---
 
 # %% [markdown]
-# # 03 · LLM-FP4: floating-point quantization with a searched format and exponent bias
+# # LLM-FP4: floating-point quantization with a searched format and exponent bias
 #
 # Liu et al., *LLM-FP4: 4-Bit Floating-Point Quantized Transformers* (EMNLP 2023,
 # arXiv:2310.16836) quantize weights **and** activations of transformers to 4-bit floats. Three
