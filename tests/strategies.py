@@ -4,10 +4,11 @@
   primes such as 113 x 203, plus empty dimensions when asked.
 * ``float_arrays``: finite random-normal data with a random scale, optionally with planted
   outlier rows/columns and all-zero rows.
-* ``bit_patterns``: arrays of raw fp16/bf16/fp32 bit patterns (every class: zeros, subnormals,
-  normals, Inf, NaN).
+* ``values_for``: values that hit every region of a format (grid points, ties, subnormals,
+  overflow, signed zeros, Inf and NaN); every fp16 / bf16 bit pattern is swept exhaustively in
+  the formats tests instead of sampled.
 * ``fp_formats`` / ``int_formats``: random ExMy formats (ebits + mbits <= 7, all three
-  ``specials``, signed and unsigned) and n-bit ints; ``fpq_formats``: LLM-FP4's (signed, no
+  ``specials``, signed and unsigned, with and without subnormals) and n-bit ints; ``fpq_formats``: LLM-FP4's (signed, no
   reserved code).
 """
 
@@ -66,15 +67,6 @@ def _cast(x: np.ndarray, dtype) -> np.ndarray:
     return x.astype(dtype)
 
 
-def bit_patterns(dtype=np.float16, size: int = 256):
-    """Arrays of raw bit patterns reinterpreted as floats (every class of value appears)."""
-    uint = {2: np.uint16, 4: np.uint32}[np.dtype(dtype).itemsize]
-    hi = 2 ** (8 * np.dtype(dtype).itemsize) - 1
-    return st.lists(st.integers(0, hi), min_size=0, max_size=size).map(
-        lambda v: np.array(v, dtype=uint).view(dtype)
-    )
-
-
 float_dtypes = st.sampled_from(["float16", "bfloat16", "float32", "float64"])
 
 
@@ -90,9 +82,12 @@ def numpy_dtype(name: str):
 
 
 @st.composite
-def fp_formats(draw, max_bits: int = 8, specials=("none", "fn", "ieee"), signed=None):
+def fp_formats(
+    draw, max_bits: int = 8, specials=("none", "fn", "ieee"), signed=None, subnormals=None
+):
     """Random valid ExMy formats: ebits + mbits <= max_bits - 1, all three ``specials``,
-    signed and unsigned, biases around the default."""
+    signed and unsigned, biases around the default, with or without subnormals (``None``:
+    drawn)."""
     from lowbit.reference.formats import FPFormat
 
     ebits = draw(st.integers(1, max_bits - 1))
@@ -103,8 +98,12 @@ def fp_formats(draw, max_bits: int = 8, specials=("none", "fn", "ieee"), signed=
     is_signed = draw(st.booleans()) if signed is None else signed
     default_bias = 2 ** (ebits - 1) - 1
     bias = draw(st.one_of(st.none(), st.integers(default_bias - 3, default_bias + 3)))
+    # no subnormals (field 0 a normal binade, no zero: E8M0FNU's kind) one time in eight
+    subnormals = subnormals if subnormals is not None else draw(st.integers(0, 7)) > 0
     try:
-        return FPFormat(ebits, mbits, bias=bias, specials=spec, signed=is_signed)
+        return FPFormat(
+            ebits, mbits, bias=bias, specials=spec, signed=is_signed, subnormals=subnormals
+        )
     except ValueError:  # e.g. E1M0 "fn" (no finite value), E8M0 "none" (max beyond float32)
         from hypothesis import reject
 
@@ -112,7 +111,7 @@ def fp_formats(draw, max_bits: int = 8, specials=("none", "fn", "ieee"), signed=
 
 
 # LLM-FP4's formats reserve no code (specials "none") and are signed; shared by FPQ's pairs and tests.
-fpq_formats = fp_formats(specials=("none",), signed=True)
+fpq_formats = fp_formats(specials=("none",), signed=True, subnormals=True)
 
 
 def int_formats(max_bits: int = 8):
@@ -128,9 +127,10 @@ def named_formats():
 
 
 @st.composite
-def values_for(draw, fmt, shape=None, max_side: int = 67):
+def values_for(draw, fmt, shape=None, max_side: int = 67, specials: bool = True):
     """Float64 arrays that exercise every region of ``fmt``: exact grid points, midpoints
-    (ties), subnormals, overflow, zeros of both signs, and (if the format has them) Inf/NaN."""
+    (ties), subnormals, overflow, zeros of both signs and, with ``specials``, +-Inf (any
+    format: saturation or Inf) and NaN (formats that have a NaN code)."""
     from lowbit.reference.formats import values
 
     grid = values(fmt)
@@ -154,6 +154,14 @@ def values_for(draw, fmt, shape=None, max_side: int = 67):
         ],
         default=np.where(rng.random(n) < 0.5, -0.0, 0.0),
     )
+    if specials and n:
+        special = rng.random(n) < 0.05
+        inf = np.where(rng.random(n) < 0.5, -np.inf, np.inf)
+        x = np.where(
+            special,
+            np.where(rng.random(n) < 0.5, np.nan, inf) if getattr(fmt, "has_nan", False) else inf,
+            x,
+        )
     return x.reshape(shape)
 
 

@@ -231,6 +231,29 @@ def test_kernels_take_empty_0d_and_strided_inputs():
         ).all()
 
 
+@pytest.mark.interpret
+@needs_interpreter
+@pytest.mark.parametrize("n", [1, 63, 64, 65, 127, 200])
+def test_small_blocks_mask_partial_tiles(monkeypatch, n):
+    """With 64-element programs (the interpreted launch normally uses one program of 2^16) the
+    last program is partial for every n not a multiple of 64: masked loads and stores must
+    neither drop nor invent elements, for the element-wise, packing and MX kernels."""
+    monkeypatch.setattr(kf, "BLOCK", 64)
+    rng = np.random.default_rng(n)
+    x = (rng.standard_normal((3, n)) * 4).astype(np.float32)
+    t = torch.from_numpy(x)
+    np.testing.assert_array_equal(kf.encode(t, "e4m3fn").numpy(), R.encode(x, "e4m3fn"))
+    assert same_values(kf.quantize(t, "e2m1").numpy(), R.quantize(x, "e2m1")).all()
+    for fmt, bits in (("e2m1fn", 4), ("e1m0", 2)):
+        np.testing.assert_array_equal(
+            kf.encode_pack(t, fmt, bits=bits).numpy(), R.pack(R.encode(x, fmt), bits)
+        )
+    codes, scales = kf.encode_mx(t, "e2m1fn", 32)
+    rc, rs = R.encode_mx(x, "e2m1fn", 32)
+    np.testing.assert_array_equal(codes.numpy(), rc)
+    np.testing.assert_array_equal(scales.numpy(), rs)
+
+
 # ---- native GPU runs (the fast path dispatches to the kernels) ----------------------------------------
 
 

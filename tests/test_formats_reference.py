@@ -222,7 +222,7 @@ def test_every_code_round_trips(fmt):
 def test_nearest_even_is_the_nearest_grid_point(fmt, data):
     """Independent float64 check: the result is a grid value at minimal distance; on a tie the
     integer significand (value / step of its binade) is even."""
-    x = data.draw(values_for(fmt))
+    x = data.draw(values_for(fmt, specials=False))  # finite: Inf/NaN have their own tests
     finite_grid = np.unique(np.abs(F.values(fmt)[np.isfinite(F.values(fmt))]))
     q = F.quantize(x, fmt).astype(np.float64)  # float64 input -> float64 output
     a = np.abs(x)
@@ -240,7 +240,9 @@ def test_nearest_even_is_the_nearest_grid_point(fmt, data):
 
 @given(fp_formats(), st.data())
 def test_quantize_is_idempotent_and_monotone(fmt, data):
-    x = np.sort(data.draw(values_for(fmt)).ravel())
+    x = data.draw(values_for(fmt, specials=False)).ravel()
+    # ascending, -0.0 before +0.0: a format without zero (no subnormals) sends them to -min, +min
+    x = x[np.lexsort((~np.signbit(x), x))]
     q = F.quantize(x, fmt)
     assert np.array_equal(F.quantize(q, fmt), q)
     assert np.all(np.diff(q) >= 0)
