@@ -7,7 +7,8 @@ are bit-identical; on CUDA tensors ``quantize`` dispatches to ``lowbit.kernels.f
 per-tensor / per-channel / per-token real bias), which is bit-identical for float32 inputs too.
 
 Besides the mirrored functions this module holds the calibration driver ``_calibrate_model``
-(spec 1.7): captures each linear's inputs on calibration texts and runs ``search`` layer by layer,
+(the official code's layer-wise calibration): captures each linear's inputs on calibration texts
+and runs ``search`` layer by layer,
 with a tqdm progress bar. ``lowbit.fast.nn.FPQLinear.from_linear`` builds the modules from it.
 """
 
@@ -74,7 +75,7 @@ def _bias_scales(b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def max_from_bias(bias: Any, fmt: FPFormat) -> torch.Tensor:
-    """Paper section 3 (FP quantization process, spec 1.2): the clip max
+    """Paper section 3 (FP quantization process): the clip max
     Qmax(b) = (2 - 2^-M) 2^(2^E - 1 - b) as the quantizer realises it (float64)."""
     fmt = _check_format(fmt)
     device = bias.device if isinstance(bias, torch.Tensor) else torch.device("cpu")
@@ -83,8 +84,8 @@ def max_from_bias(bias: Any, fmt: FPFormat) -> torch.Tensor:
 
 
 def bias_from_max(maxval: Any, fmt: FPFormat) -> torch.Tensor:
-    """Inverse of section 3's clip max (the min-max initialisation of paper section 4.1, spec
-    1.2): b = 2^E - 1 - log2(Qmax / (2 - 2^-M)); maxval floored at MAXVAL_FLOOR (zero rows)."""
+    """Inverse of section 3's clip max (the min-max initialisation of paper section 4.1):
+    b = 2^E - 1 - log2(Qmax / (2 - 2^-M)); maxval floored at MAXVAL_FLOOR (zero rows)."""
     fmt = _check_format(fmt)
     m = torch.as_tensor(maxval, dtype=torch.float64)
     # calibration time, not a forward path: the one host sync of this check is fine on CUDA too
@@ -125,7 +126,7 @@ def _round_scaled(
 
 def quantize(x: torch.Tensor, fmt: FPFormat, bias: Any = None) -> torch.Tensor:
     """Fake-quantize ``x`` to ``fmt`` with real exponent bias ``bias``: clip, binade, step, round
-    of paper section 3 (FP quantization process; spec 1.2; see the reference).
+    of paper section 3 (FP quantization process; see the reference).
 
     On CUDA 2-D tensors with a scalar, per-row ``(M, 1)`` or per-column ``(K,)`` bias this is one
     Triton kernel pass; everything else runs the float64 torch path.
@@ -236,7 +237,7 @@ def linear(
 def preshift(
     a_bias: torch.Tensor, fmt: FPFormat, tensor_bias: Any = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Paper section 4.2 (pre-shifted exponent bias; spec 1.5): per-channel biases -> (t, k) with
+    """Paper section 4.2 (pre-shifted exponent bias): per-channel biases -> (t, k) with
     k_c = clamp(round(b_c), round(t), round(t) + 2^E - 1) - round(t)."""
     fmt = _check_format(fmt)
     b_c = _bias_tensor(
@@ -774,7 +775,7 @@ def _search(
     )
 
 
-# ---- calibration driver (spec 1.7) -----------------------------------------------------------------
+# ---- calibration driver (the official code's layer-wise calibration) --------------------------------
 
 
 def _capture_inputs(

@@ -152,8 +152,8 @@ def vectorwise_quant(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Row-wise absmax int8 with outlier detection; see the reference for the exact semantics.
 
-    Paper (arXiv:2208.07339) §3.1 vector-wise quantization and the outlier set O of §3.2;
-    spec methods.md §2.2 steps 1-3.
+    Paper (arXiv:2208.07339) §3.1 vector-wise quantization and the outlier set O of §3.2
+    (bitsandbytes' ``int8_vectorwise_quant``).
 
     Returns ``(codes int8 (..., cols), absmax float32 (...,), outlier_cols bool (cols,))``.
     """
@@ -168,8 +168,9 @@ def vectorwise_quant(
 def vectorwise_dequant(codes: torch.Tensor, absmax: torch.Tensor) -> torch.Tensor:
     """(q · c) · float32(1/127) in float32, exactly as the reference and bitsandbytes.
 
-    Inverse of the §3.1 vector-wise quantization (arXiv:2208.07339); spec methods.md §2.2
-    step 5. ``codes`` int8 (..., cols), ``absmax`` (...,); returns float32 (..., cols).
+    Inverse of the §3.1 vector-wise quantization (arXiv:2208.07339), bitsandbytes'
+    ``int8_vectorwise_dequant``. ``codes`` int8 (..., cols), ``absmax`` (...,); returns float32
+    (..., cols).
     """
     if codes.dtype != torch.int8:
         raise ValueError(f"codes must be int8 (from vectorwise_quant), got {codes.dtype}")
@@ -204,7 +205,8 @@ def int8_matmul(
 ) -> torch.Tensor:
     """Y = (X8 · W8^T)_int32 · c_x ⊗ c_w / 127², float32 (tokens, N).
 
-    Paper (arXiv:2208.07339) §3.1 vector-wise product; spec methods.md §2.2 steps 5-6.
+    Paper (arXiv:2208.07339) §3.1 vector-wise product, denormalized by the outer product of the
+    two absmax vectors.
     """
     if codes_x.dtype != torch.int8 or codes_w.dtype != torch.int8:
         raise ValueError(f"codes must be int8, got {codes_x.dtype} and {codes_w.dtype}")
@@ -442,7 +444,8 @@ def matmul(
     """LLM.int8() Y = X W^T + b with outlier decomposition; returns x's dtype (..., N).
 
     Paper (arXiv:2208.07339) §3.2 mixed-precision decomposition over the §3.1 vector-wise int8
-    product; spec methods.md §2.2 steps 1-5 (backward: the "Backward" paragraph there).
+    product (the backward follows bitsandbytes' ``MatMul8bitLt``: see the reference's
+    ``matmul_grad``).
 
     ``outlier_weights``: "full" (paper) or "dequantized" (bitsandbytes, has_fp16_weights=False).
     Differentiable in x, w and bias (gradients of ``reference.llm_int8.matmul_grad``).
@@ -461,7 +464,7 @@ def outlier_features(
     """The paper's systematic outlier features; returns (dims, magnitude, layer_frac, token_frac).
 
     Paper (arXiv:2208.07339) §4 criteria (magnitude ≥ 6, ≥ 25 % of layers, ≥ 6 % of sequence
-    positions); spec methods.md §2.3.
+    positions).
     """
     if not (0 <= min_layer_frac <= 1 and 0 <= min_token_frac <= 1):
         raise ValueError(

@@ -2,7 +2,8 @@
 
 Paper: Shih-yang Liu, Zechun Liu, Xijie Huang, Pingcheng Dong, Kwang-Ting Cheng, "LLM-FP4: 4-Bit
 Floating-Point Quantized Transformers", EMNLP 2023, arXiv:2310.16836. Official code:
-github.com/nbasyl/LLM-FP4 (``quant_layers/fp_linear.py``). Formulas: ``spec/methods.md`` section 1.
+github.com/nbasyl/LLM-FP4 (``quant_layers/fp_linear.py``), whose defaults and fixed bugs the
+docstrings below name.
 
 An FP format has a sign, E exponent bits and M mantissa bits and, in LLM-FP4, *no* reserved code
 (``FPFormat(E, M, specials="none")``). Its exponent bias ``b`` is a real number that plays the role
@@ -66,7 +67,7 @@ Deviations from the official code, and why
   bias ``b_o + k_c`` multiplies them by exactly 2^-k_c, so the folded layer's products are the
   simulated layer's products bit for bit (see ``fold_preshift`` for the condition).
 
-Not implemented: the embedding-table quantizer (spec section 1.6, the "E" of the paper's E/W/A
+Not implemented: the embedding-table quantizer (the "E" of the paper's E/W/A
 bit-widths) and quantization-error propagation through earlier layers during calibration; the
 report's FPQ rows quantize the linear layers' weights and inputs (W/A) only, and say so.
 """
@@ -183,7 +184,7 @@ def _bias_scales(bias: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 
 def max_from_bias(bias: Any, fmt: FPFormat) -> np.ndarray:
-    """Paper section 3 (FP quantization process, spec 1.2): the clip max
+    """Paper section 3 (FP quantization process): the clip max
     Qmax(b) = (2 - 2^-M) 2^(2^E - 1 - b), as the quantizer realises it
     (``quantize(+inf, fmt, b) == max_from_bias(b, fmt)``). Returns float64, bias's shape."""
     fmt = _check_format(fmt)
@@ -193,9 +194,9 @@ def max_from_bias(bias: Any, fmt: FPFormat) -> np.ndarray:
 
 
 def bias_from_max(maxval: Any, fmt: FPFormat) -> np.ndarray:
-    """Inverse of the clip max of paper section 3 (spec 1.2), the min-max initialisation of
-    section 4.1: b = 2^E - 1 - log2(Qmax / (2 - 2^-M)) (= the spec's
-    2^E - log2(Qmax) + log2(2 - 2^-M) - 1). Exact when Qmax/(2 - 2^-M) is a power of two (integer
+    """Inverse of the clip max of paper section 3, the min-max initialisation of section 4.1:
+    b = 2^E - 1 - log2(Qmax / (2 - 2^-M)) (= 2^E - log2(Qmax) + log2(2 - 2^-M) - 1, as the
+    official code writes it). Exact when Qmax/(2 - 2^-M) is a power of two (integer
     b); otherwise max_from_bias(bias_from_max(m)) == m to float32 precision of 2^frac(b).
     maxval <= MAXVAL_FLOOR (zero rows) is floored there, so the bias stays finite."""
     fmt = _check_format(fmt)
@@ -233,7 +234,7 @@ def _round_scaled(x64: np.ndarray, fmt: FPFormat, b: np.ndarray) -> tuple[np.nda
 
 def quantize(x: np.ndarray, fmt: FPFormat, bias: Any = None) -> np.ndarray:
     """Fake-quantize ``x`` to ``fmt`` with real exponent bias ``bias`` (default: ``fmt.bias``):
-    clip, binade, step, round of paper section 3 (FP quantization process; spec 1.2).
+    clip, binade, step, round of paper section 3 (FP quantization process).
 
     ``bias`` is a scalar or any array that broadcasts against ``x``: per tensor (scalar), per
     output channel of a weight (``(out, 1)``), per input channel of an activation (``(in,)``), per
@@ -352,13 +353,13 @@ def linear(
     return Y
 
 
-# ---- pre-shifted exponent bias (paper section 4.2, spec 1.5) --------------------------------------
+# ---- pre-shifted exponent bias (paper section 4.2) -------------------------------------------------
 
 
 def preshift(
     a_bias: np.ndarray, fmt: FPFormat, tensor_bias: Any = None
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Paper section 4.2 (pre-shifted exponent bias; spec 1.5): per-channel activation biases
+    """Paper section 4.2 (pre-shifted exponent bias): per-channel activation biases
     b_c -> (t, k): a real tensor bias t and integer shifts
     k_c = clamp(round(b_c), round(t), round(t) + 2^E - 1) - round(t) in [0, 2^E - 1].
 
@@ -404,7 +405,7 @@ def fold_preshift(w_bias: np.ndarray, shifts: np.ndarray) -> np.ndarray:
     return b_o[:, None] + k.astype(np.float64)[None, :]  # (out, in)
 
 
-# ---- the search (spec 1.4) ---------------------------------------------------------------------------
+# ---- the search (paper section 4.1) -----------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -476,7 +477,7 @@ def search(
     a_formats: list[FPFormat] | None = None,
 ) -> FPQSearchResult:
     """Joint search of formats and exponent biases for one linear layer: paper section 4.1 (joint
-    format and max value search), with section 4.2's pre-shifted bias when ``preshifted`` (spec 1.4).
+    format and max value search), with section 4.2's pre-shifted bias when ``preshifted``.
 
     x: (tokens, in) calibration inputs, w: (out, in), b: (out,) or None. Objective: the MSE of the
     layer output against the full-precision output ``x w^T + b``. Candidate factors
@@ -494,8 +495,9 @@ def search(
     tunes each weight format's per-channel biases with X quantized by the current activation
     format and bias; the activation-bias step tunes each activation format's bias with W
     quantized by the current weight format and its biases. A format step then compares the
-    *searched* biases of every candidate format (spec 1.4: "for each candidate M, quantize with
-    that M's current best biases"). Order per round (spec 1.4): baseline w-bias, w-format,
+    *searched* biases of every candidate format, as the official code's interval searches do
+    (they loop over every mantissa width). Order per round (the official code's): baseline
+    w-bias, w-format,
     a-bias, a-format; FPQ w-bias, a-bias, w-format, a-format. The candidate list of every bias
     step is [current, b0, grid]; the first of equal errors wins, so a step never moves away from
     an equally good current bias.

@@ -142,7 +142,7 @@ def _check_finite(x32: np.ndarray, is_outlier: np.ndarray, name: str) -> None:
 
 
 # ---------------------------------------------------------------------------------------------
-# row-wise quantization: the numpy and the numba version agree bit for bit (tests, PERF.md P2)
+# row-wise quantization: the numpy and the numba version agree bit for bit (tests; speed goal P2)
 # ---------------------------------------------------------------------------------------------
 
 
@@ -203,7 +203,8 @@ def vectorwise_quant(
     """Row-wise (vector-wise) absmax int8 quantization with outlier detection.
 
     Paper (arXiv:2208.07339) §3.1 vector-wise quantization, one absmax c_x,i per row, and the
-    outlier set O of §3.2 (mixed-precision decomposition); spec methods.md §2.2 steps 1-3.
+    outlier set O of §3.2 (mixed-precision decomposition); bitsandbytes'
+    ``int8_vectorwise_quant``.
 
     ``x``: (..., cols) float array; rows are all leading dimensions. ``threshold`` τ > 0 marks
     every element with |x| ≥ τ as an outlier: it is excluded from its row's absmax, and its
@@ -227,8 +228,8 @@ def vectorwise_quant(
 def vectorwise_dequant(codes: np.ndarray, absmax: np.ndarray) -> np.ndarray:
     """x ≈ q · c / 127, in float32 as bitsandbytes computes it: (q · c) · float32(1/127).
 
-    Inverse of the §3.1 vector-wise quantization (arXiv:2208.07339); spec methods.md §2.2 step 5
-    (dequantized int8 weight columns) and the ``int8_vectorwise_dequant`` row of §2.1.
+    Inverse of the §3.1 vector-wise quantization (arXiv:2208.07339): bitsandbytes'
+    ``int8_vectorwise_dequant``, also what its outlier product uses for the weight columns.
 
     ``codes``: int8 (..., cols); ``absmax``: float32 (...,). Returns float32 (..., cols).
     """
@@ -252,8 +253,8 @@ def int8_matmul(
     """Vector-wise product: Y_ij = (Σ_k X8_ik W8_jk) · c_x,i · c_w,j / 127², exact accumulation.
 
     Paper (arXiv:2208.07339) §3.1: the int32 product of the row-quantized X and the
-    output-feature-quantized W, denormalized by the outer product of the two absmax vectors;
-    spec methods.md §2.2 steps 5-6 (the 1/127² constant).
+    output-feature-quantized W, denormalized by the outer product of the two absmax vectors
+    (bitsandbytes applies the constant 1/127² in float32; here in float64).
 
     ``codes_x``: int8 (tokens, K); ``absmax_x``: (tokens,); ``codes_w``: int8 (N, K) (nn.Linear
     layout); ``absmax_w``: (N,). Returns float64 (tokens, N). K must keep the int32
@@ -310,7 +311,7 @@ def matmul(
     """LLM.int8() Y = X W^T + b with the mixed-precision decomposition; float64 result.
 
     Paper (arXiv:2208.07339) §3.2: Y = X[:, O] W[:, O]^T in 16 bit + the §3.1 vector-wise int8
-    product of the other columns; spec methods.md §2.2 steps 1-5.
+    product of the other columns.
 
     ``x``: (..., K); ``w``: (N, K); ``bias``: (N,) or None. ``threshold`` τ (0 = no
     decomposition, pure vector-wise int8). ``outlier_weights``: "full" (paper: outlier columns
@@ -353,8 +354,8 @@ def matmul_grad(
     """Gradients of ``matmul`` for training with int8 weights; float64 (grad_x, grad_w, grad_bias).
 
     The paper (arXiv:2208.07339) covers inference only (§3.1-3.2); this follows the backward of
-    bitsandbytes' ``MatMul8bitLt`` as the spec describes it (methods.md §2.2, "Backward"), with
-    the consistent column-wise pairing for grad_w that the spec recommends.
+    bitsandbytes' ``MatMul8bitLt``, with a column-wise pairing for grad_w that is consistent
+    with the forward's quantization.
 
     * grad_x = G · dequant(W8): through the int8 weights actually used (bitsandbytes: fp16 matmul).
     * grad_w = int8 product of column-wise quantized G (one scale per output feature) and
@@ -398,7 +399,7 @@ def outlier_features(
     """The paper's systematic outlier features in per-layer hidden states.
 
     Paper (arXiv:2208.07339) §4 criteria: magnitude ≥ 6, in ≥ 25 % of the layers, at ≥ 6 % of
-    the sequence positions; spec methods.md §2.3 (analysis criteria only, not in bitsandbytes).
+    the sequence positions (the paper's analysis criteria; bitsandbytes has no such function).
 
     ``hidden_states``: (layers, tokens, d) (a list of (tokens, d) arrays is stacked); padding
     tokens must be removed by the caller. A feature dimension h is an outlier feature when

@@ -313,5 +313,6 @@ print(
 #
 # * S.-Y. Liu, Z. Liu, X. Huang, P. Dong, K.-T. Cheng. *LLM-FP4: 4-Bit Floating-Point Quantized
 #   Transformers.* EMNLP 2023. arXiv:2310.16836. Code: github.com/nbasyl/LLM-FP4.
-# * `spec/methods.md` section 1: the official code's exact semantics, defaults and known bugs
-#   (dead last candidate, 8-bit index offset, NaN on zero rows), all fixed here.
+# * The official code's known bugs (a dead last search candidate, an off-by-one index into the
+#   8-bit formats, NaN on all-zero rows) are fixed here; `lowbit.reference.fpq`'s docstrings
+#   say where lowbit departs from it.
