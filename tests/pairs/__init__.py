@@ -40,10 +40,8 @@ class Pair:
     tier: Any = EXACT
     # Tier B: the same computation in working precision with plain torch (torch args).
     naive: Callable[..., Any] | None = None
-    # Analytic reference gradient and which positional arguments it differentiates.
-    grad: Callable[..., Any] | None = None
-    grad_argnums: tuple[int, ...] = ()
-    grad_tier: Any = None
+    # (Analytic gradients are checked by dedicated tests that call assert_matches_reference
+    # with grad=..., e.g. tests/test_llm_int8.py: their inputs need one dtype.)
     # Functions registered only for the meta-test (e.g. driven by dedicated tests that
     # need a model): give the reason here and no strategy is run.
     tested_in: str | None = None
