@@ -1,5 +1,6 @@
 """Command line: ``lowbit report`` (console script ``lowbit = lowbit.fast.cli:main``).
 
+``lowbit --version`` prints the installed version.
 ``lowbit report [--model minilm|smollm2] [--methods formats,llm_int8,fpq] [--calib-size N]
 [--eval-size N] [--out DIR] [--quick] [--no-progress]`` quantizes the model every selected way, prints
 the comparison table and writes it, as markdown and CSV, with plots, to ``--out``.
@@ -38,7 +39,10 @@ def _positive_int(text: str) -> int:
 
 
 def _parser() -> _Parser:
+    from lowbit.fast import __version__
+
     parser = _Parser(prog=PROG, description="Low-bit quantization of transformers.")
+    parser.add_argument("--version", action="version", version=f"{PROG} {__version__}")
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", parser_class=_Parser)
     commands.required = True
     report = commands.add_parser(
@@ -102,6 +106,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         args = _parser().parse_args(argv)
     except _UsageError as err:
         return _fail(str(err))
+    except SystemExit as done:  # --help and --version print, then argparse exits
+        return int(done.code or 0)
 
     from lowbit.fast import report  # torch and transformers load only for real work
     from lowbit.fast.models import ModelNotInstalled

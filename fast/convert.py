@@ -207,33 +207,116 @@ def load_quantized(model: nn.Module, path: str | os.PathLike) -> nn.Module:
 
     ``model`` is a freshly built full-precision skeleton of the same architecture; each
     quantized layer is replaced by ``cls.from_config(config)`` and the state dict is then
-    loaded strictly (every key must match).
+    loaded strictly. The file is checked first, and every problem is one ``ValueError`` that
+    names the file and the key: the metadata must be a JSON object of
+    ``{module name: {"class": registered class, "config": {...}}}`` naming modules that exist
+    in ``model``; the file must hold exactly the model's tensor names; every tensor must have
+    the model's shape, and the model's dtype where that is an integer dtype or the tensor belongs
+    to a quantized module (codes stored as float would otherwise be truncated silently). Other
+    floating-point tensors may be stored in another float dtype, as ``load_state_dict`` allows.
     """
     from lowbit.fast.nn import QUANTIZED_MODULES
-    from safetensors import safe_open
-    from safetensors.torch import load_file
+    from safetensors import SafetensorError, safe_open
 
     path = os.fspath(path)
+    where = f"load_quantized: {path!r}"
     if not os.path.exists(path):
-        raise ValueError(
-            f"load_quantized: {path!r} does not exist; write it with save_quantized first"
-        )
-    with safe_open(path, framework="pt") as f:
-        metadata = f.metadata() or {}
+        raise ValueError(f"{where} does not exist; write it with save_quantized first")
+    try:
+        with safe_open(path, framework="pt") as f:
+            metadata = f.metadata() or {}
+            state = {key: f.get_tensor(key) for key in f.keys()}
+    except SafetensorError as err:
+        raise ValueError(f"{where} is not a readable safetensors file ({err})") from None
     if METADATA_KEY not in metadata:
         raise ValueError(
-            f"load_quantized: {path!r} has no {METADATA_KEY!r} metadata; it was not written by save_quantized"
+            f"{where} has no {METADATA_KEY!r} metadata; it was not written by save_quantized"
         )
-    entries = json.loads(metadata[METADATA_KEY])
+    entries = _parse_entries(metadata[METADATA_KEY], where)
     for name, entry in entries.items():
-        cls_name = entry["class"]
-        if cls_name not in QUANTIZED_MODULES:
+        try:
+            model.get_submodule(name)
+        except AttributeError:
             raise ValueError(
-                f"load_quantized: unknown quantized module class {cls_name!r} for {name!r}; "
+                f"{where}: metadata names module {name!r}, which the model does not have; "
+                "build the same architecture the file was saved from"
+            ) from None
+        cls = QUANTIZED_MODULES.get(entry["class"])
+        if cls is None:
+            raise ValueError(
+                f"{where}: unknown quantized module class {entry['class']!r} for {name!r}; "
                 f"known: {sorted(QUANTIZED_MODULES)}"
             )
-        shell = QUANTIZED_MODULES[cls_name].from_config(entry["config"])
+        try:
+            shell = cls.from_config(entry["config"])  # type: ignore[attr-defined]
+        except KeyError as err:
+            raise ValueError(
+                f"{where}: the config of {name!r} ({cls.__name__}) lacks key {err.args[0]!r}"
+            ) from None
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{where}: the config of {name!r} is invalid: {err}") from None
         _set_submodule(model, name, shell)
-    state = load_file(path)
+    _check_tensors(model.state_dict(), state, set(entries), where)
     model.load_state_dict(state, strict=True)
     return model
+
+
+def _parse_entries(text: str, where: str) -> dict[str, dict]:
+    """The ``"lowbit"`` metadata as {module name: {"class": str, "config": dict}}, or a
+    one-line error naming the key that is wrong."""
+    try:
+        entries = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{where}: the {METADATA_KEY!r} metadata is not JSON ({err})") from None
+    if not isinstance(entries, dict):
+        raise ValueError(
+            f"{where}: the {METADATA_KEY!r} metadata must map module names to entries, "
+            f"got {type(entries).__name__}"
+        )
+    for name, entry in entries.items():
+        if not name:
+            raise ValueError(
+                f"{where}: metadata names the root module ''; only submodules can be quantized"
+            )
+        if not isinstance(entry, dict):
+            raise ValueError(f"{where}: metadata entry {name!r} must be an object, got {entry!r}")
+        for key, kind in (("class", str), ("config", dict)):
+            if not isinstance(entry.get(key), kind):
+                raise ValueError(
+                    f"{where}: metadata entry {name!r} needs a {key!r} {kind.__name__}, "
+                    f"got {entry.get(key)!r}"
+                )
+    return entries
+
+
+def _check_tensors(
+    expected: dict[str, torch.Tensor],
+    stored: dict[str, torch.Tensor],
+    quantized: set[str],
+    where: str,
+) -> None:
+    """Same names, shapes and (see ``load_quantized``) dtypes as the model expects."""
+    missing, extra = sorted(expected.keys() - stored), sorted(stored.keys() - expected)
+    if missing or extra:
+        parts = [
+            f"lacks {missing[:3]}" if missing else "",
+            f"has unexpected {extra[:3]}" if extra else "",
+        ]
+        raise ValueError(
+            f"{where} {' and '.join(p for p in parts if p)} (of {len(missing)} missing, "
+            f"{len(extra)} unexpected tensors): build the architecture the file was saved from"
+        )
+    for key, want in expected.items():
+        got = stored[key]
+        if got.shape != want.shape:
+            raise ValueError(
+                f"{where}: tensor {key!r} has shape {tuple(got.shape)}, the model expects "
+                f"{tuple(want.shape)}"
+            )
+        in_quantized = any(key.startswith(name + ".") for name in quantized)
+        floats = got.is_floating_point() and want.is_floating_point()
+        if got.dtype != want.dtype and (in_quantized or not floats):
+            raise ValueError(
+                f"{where}: tensor {key!r} is stored as {got.dtype}, the model expects "
+                f"{want.dtype}; re-save it with save_quantized"
+            )

@@ -44,6 +44,7 @@ import math
 
 import numpy as np
 import torch
+from lowbit.fast._tensors import takes_tensors
 from lowbit.kernels import on_triton_device
 from lowbit.reference.formats import (
     BF16,
@@ -408,6 +409,7 @@ def _lookup(table: torch.Tensor, index: torch.Tensor, shape) -> torch.Tensor:
 # ---- public API ----------------------------------------------------------------------------------------
 
 
+@takes_tensors
 def encode(
     x: torch.Tensor,
     fmt: FPFormat | IntFormat | str,
@@ -486,6 +488,7 @@ def values(fmt: FPFormat | IntFormat | str) -> torch.Tensor:
     return _values_cached(parse_format(fmt)).clone()
 
 
+@takes_tensors
 def decode(codes: torch.Tensor, fmt: FPFormat | IntFormat | str, dtype=None) -> torch.Tensor:
     """Codes -> values (float32 unless ``dtype`` is given): a lookup into ``values(fmt)``."""
     fmt = parse_format(fmt)
@@ -504,6 +507,7 @@ def decode(codes: torch.Tensor, fmt: FPFormat | IntFormat | str, dtype=None) -> 
     return _lookup(_values_table(fmt, codes.device, out_dtype), idx, codes.shape)
 
 
+@takes_tensors
 def quantize(
     x: torch.Tensor,
     fmt: FPFormat | IntFormat | str,
@@ -554,6 +558,7 @@ def _group(bits: int) -> tuple[int, int]:
     return codes_per_group, codes_per_group * bits // 8
 
 
+@takes_tensors
 def pack(codes: torch.Tensor, bits: int = 4) -> torch.Tensor:
     """Pack ``bits``-wide codes along the last axis into a little-endian bit stream of bytes
     (element 0 in the low bits of byte 0); the last axis is zero-padded to a whole group.
@@ -575,6 +580,7 @@ def pack(codes: torch.Tensor, bits: int = 4) -> torch.Tensor:
     return out.to(torch.uint8).reshape(c.shape[:-1] + (c.shape[-1] // g * nbytes,))
 
 
+@takes_tensors
 def unpack(packed: torch.Tensor, bits: int = 4, n: int | None = None) -> torch.Tensor:
     """Inverse of ``pack``: uint8 bytes -> uint8 codes along the last axis (first ``n`` kept)."""
     g, nbytes = _group(bits)
@@ -621,17 +627,16 @@ def _mx_blocks(x: torch.Tensor, block: int) -> tuple[torch.Tensor, int]:
 
 
 def _mx_scale_exp(V: torch.Tensor, fmt: FPFormat) -> tuple[torch.Tensor, torch.Tensor]:
-    """Shared exponent s per block (clamped to [-127, 127]) and the NaN-block mask."""
+    """Shared exponent s per block (clamped to [-127, 127]) and the mask of blocks that get the
+    NaN scale: NaN or +-Inf inside, or s above E8M0's 127 (the reference's policy)."""
     idt, P, B = _LAYOUT[V.dtype]
-    nan = torch.isnan(V)
-    has_nan = nan.any(-1)  # (..., blocks)
-    amax = torch.where(nan, 0.0, V).abs().amax(-1)  # (..., blocks)
+    finite = torch.isfinite(V)
+    amax = torch.where(finite, V, 0.0).abs().amax(-1)  # (..., blocks)
     emax_elem = math.frexp(fmt.max_value)[1] - 1
-    finite = torch.isfinite(amax)
-    log2 = _floor_log2(torch.where(finite, amax, 0.0).view(idt), P, B)
-    log2 = torch.where(finite, log2, -1)  # NumPy's frexp(inf) has exponent 0, as in the reference
+    log2 = _floor_log2(amax.view(idt), P, B)
     s = torch.where(amax > 0, log2 - emax_elem, -127)
-    return torch.clamp(s, -127, 127), has_nan
+    nan_block = ~finite.all(-1) | (s > 127)
+    return torch.clamp(s, -127, 127), nan_block
 
 
 def _pow2_f32(s: torch.Tensor) -> torch.Tensor:
@@ -642,11 +647,13 @@ def _pow2_f32(s: torch.Tensor) -> torch.Tensor:
     return torch.where(s >= -126, normal, sub).view(torch.float32)
 
 
-def _mx_element_codes(V: torch.Tensor, fmt: FPFormat, s: torch.Tensor) -> torch.Tensor:
-    """Codes of V / 2^s (flat), NaN elements as zero. float32 blocks are scaled by 2^-s, exact
+def _mx_element_codes(
+    V: torch.Tensor, fmt: FPFormat, s: torch.Tensor, nan_block: torch.Tensor
+) -> torch.Tensor:
+    """Codes of V / 2^s (flat), zero in NaN-scaled blocks. float32 blocks are scaled by 2^-s, exact
     except below 2^-126 where formats with min_subnormal > 2^-125 round to zero either way, and
     then go through the lookup table; otherwise the bit-level encoder shifts its rounding point."""
-    Vz = torch.where(torch.isnan(V), 0.0, V).reshape(-1)
+    Vz = torch.where(nan_block[..., None], 0.0, V).reshape(-1)
     s_elem = s[..., None].expand(V.shape).reshape(-1)
     use_lut = (
         V.dtype == torch.float32
@@ -661,6 +668,7 @@ def _mx_element_codes(V: torch.Tensor, fmt: FPFormat, s: torch.Tensor) -> torch.
     return _encode_bits_chunked(Vz, fmt, True, None, scale_exp=s_elem)
 
 
+@takes_tensors
 def encode_mx(
     x: torch.Tensor, fmt: FPFormat | str, block: int = 32
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -672,13 +680,14 @@ def encode_mx(
 
         return kf.encode_mx(x, fmt, block)
     V, n = _mx_blocks(x, block)
-    s, has_nan = _mx_scale_exp(V, fmt)
-    scale_codes = torch.where(has_nan, E8M0FNU.nan_code, s + 127).to(torch.uint8)
-    codes = _mx_element_codes(V, fmt, s).to(_code_dtype(fmt))
+    s, nan_block = _mx_scale_exp(V, fmt)
+    scale_codes = torch.where(nan_block, E8M0FNU.nan_code, s + 127).to(torch.uint8)
+    codes = _mx_element_codes(V, fmt, s, nan_block).to(_code_dtype(fmt))
     codes = codes.reshape(V.shape[:-2] + (V.shape[-2] * block,))[..., :n]
     return codes, scale_codes
 
 
+@takes_tensors
 def decode_mx(
     codes: torch.Tensor, scales: torch.Tensor, fmt: FPFormat | str, block: int = 32, dtype=None
 ) -> torch.Tensor:
@@ -698,6 +707,7 @@ def decode_mx(
     return out.to(_torch_dtype(dtype) or torch.float32)
 
 
+@takes_tensors
 def quantize_mx(x: torch.Tensor, fmt: FPFormat | str, block: int = 32) -> torch.Tensor:
     """MX fake quantization: ``decode_mx(*encode_mx(x))`` in x's floating dtype."""
     fmt = _check_mx(fmt, block)
@@ -707,10 +717,10 @@ def quantize_mx(x: torch.Tensor, fmt: FPFormat | str, block: int = 32) -> torch.
 
         return kf.quantize_mx(x, fmt, block)
     V, n = _mx_blocks(x, block)
-    s, has_nan = _mx_scale_exp(V, fmt)
-    codes = _mx_element_codes(V, fmt, s)
+    s, nan_block = _mx_scale_exp(V, fmt)
+    codes = _mx_element_codes(V, fmt, s, nan_block)
     if V.dtype != torch.float32:  # float64 / integer inputs: decode in float64, like decode_mx
-        scale_codes = torch.where(has_nan, E8M0FNU.nan_code, s + 127).to(torch.uint8)
+        scale_codes = torch.where(nan_block, E8M0FNU.nan_code, s + 127).to(torch.uint8)
         codes = codes.to(_code_dtype(fmt))  # uint16 for element formats over 8 bits
         codes = codes.reshape(V.shape[:-2] + (V.shape[-2] * block,))[..., :n]
         out = decode_mx(codes, scale_codes, fmt, block, dtype=torch.float64)
@@ -719,6 +729,6 @@ def quantize_mx(x: torch.Tensor, fmt: FPFormat | str, block: int = 32) -> torch.
     # cast to float32; below 2^-126 it is far below fp16/bf16's smallest values too
     table = _values_table(fmt, V.device, torch.float32)
     values = _lookup(table, codes.to(torch.int32), V.shape) * _pow2_f32(s)[..., None]
-    values = torch.where(has_nan[..., None], math.nan, values)
+    values = torch.where(nan_block[..., None], math.nan, values)
     values = values.reshape(V.shape[:-2] + (V.shape[-2] * block,))[..., :n]
     return values.to(out_dtype).reshape(x.shape)

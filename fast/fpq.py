@@ -21,6 +21,8 @@ from typing import Any
 
 import numpy as np
 import torch
+from lowbit.fast._tensors import takes_tensors
+from lowbit.fast.formats import _on_host
 from lowbit.kernels import on_triton_device
 from lowbit.reference.formats import FPFormat
 from lowbit.reference.fpq import (
@@ -124,6 +126,7 @@ def _round_scaled(
     return y, scale_inv
 
 
+@takes_tensors
 def quantize(x: torch.Tensor, fmt: FPFormat, bias: Any = None) -> torch.Tensor:
     """Fake-quantize ``x`` to ``fmt`` with real exponent bias ``bias``: clip, binade, step, round
     of paper section 3 (FP quantization process; see the reference).
@@ -148,6 +151,7 @@ def quantize(x: torch.Tensor, fmt: FPFormat, bias: Any = None) -> torch.Tensor:
     return xq.float().to(x.dtype)
 
 
+@takes_tensors
 def encode(x: torch.Tensor, fmt: FPFormat, bias: Any = None) -> torch.Tensor:
     """FP codes (uint8 up to 8 bits, else uint16) of quantize(x, fmt, bias): the FP variable of
     paper section 3 (formulation of FP variables; see the reference)."""
@@ -179,6 +183,7 @@ def encode(x: torch.Tensor, fmt: FPFormat, bias: Any = None) -> torch.Tensor:
     return code.to(torch.uint8 if fmt.bits <= 8 else torch.uint16)
 
 
+@takes_tensors
 def decode(codes: torch.Tensor, fmt: FPFormat, bias: Any = None) -> torch.Tensor:
     """float32 values of FP codes read with real exponent bias ``bias``: the FP variable of paper
     section 3 (formulation of FP variables); re-reading at b + k is section 4.2's
@@ -189,6 +194,13 @@ def decode(codes: torch.Tensor, fmt: FPFormat, bias: Any = None) -> torch.Tensor
             f"codes must be an integer array, got {getattr(codes, 'dtype', type(codes))}"
         )
     c = codes.long()
+    if not _on_host(c):
+        c = c & (2**fmt.bits - 1)  # unchecked off the host (no sync): mask to the format's bits
+    elif c.numel() and (int(c.min()) < 0 or int(c.max()) >= 2**fmt.bits):
+        raise ValueError(
+            f"codes out of range for {fmt.name} ({fmt.bits} bits): they run from 0 to "
+            f"{2**fmt.bits - 1}"
+        )
     b = _bias_tensor(fmt.bias if bias is None else bias, c.device)
     _check_bias_shape(tuple(b.shape), tuple(c.shape))
     M = fmt.mbits
@@ -202,6 +214,7 @@ def decode(codes: torch.Tensor, fmt: FPFormat, bias: Any = None) -> torch.Tensor
     return (torch.where(sign == 1, -a, a) * scale_inv).float()
 
 
+@takes_tensors
 def linear(
     x: torch.Tensor,
     w: torch.Tensor,
@@ -234,6 +247,7 @@ def linear(
     return Y
 
 
+@takes_tensors
 def preshift(
     a_bias: torch.Tensor, fmt: FPFormat, tensor_bias: Any = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -255,6 +269,7 @@ def preshift(
     return t, k.long()
 
 
+@takes_tensors
 def fold_preshift(w_bias: torch.Tensor, shifts: torch.Tensor) -> torch.Tensor:
     """Paper section 4.2 (reparameterisation into the weights): (out, in) weight exponent biases
     b_o + k_c (see the reference for the exactness condition)."""
@@ -521,6 +536,7 @@ class _IntScorer:
         return err
 
 
+@takes_tensors
 def search(
     x: torch.Tensor,
     w: torch.Tensor,

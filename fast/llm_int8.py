@@ -25,8 +25,10 @@ Public functions: ``vectorwise_quant``, ``vectorwise_dequant``, ``int8_matmul``,
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 
 import torch
+from lowbit.fast._tensors import takes_tensors
 from lowbit.kernels import on_triton_device
 
 __all__ = ["vectorwise_quant", "vectorwise_dequant", "int8_matmul", "matmul", "outlier_features"]
@@ -147,6 +149,7 @@ def _quant_rows(X: torch.Tensor, tau: float, zero_columns: bool = True):
     return codes, absmax, outlier_cols, None
 
 
+@takes_tensors
 def vectorwise_quant(
     x: torch.Tensor, threshold: float = 0.0
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -165,6 +168,7 @@ def vectorwise_quant(
     return codes.reshape(*lead, cols), absmax.reshape(lead), outlier_cols
 
 
+@takes_tensors
 def vectorwise_dequant(codes: torch.Tensor, absmax: torch.Tensor) -> torch.Tensor:
     """(q · c) · float32(1/127) in float32, exactly as the reference and bitsandbytes.
 
@@ -200,6 +204,7 @@ def _int8_product(codes_x: torch.Tensor, codes_w: torch.Tensor) -> torch.Tensor:
     return codes_x.to(torch.float64) @ codes_w.to(torch.float64).T
 
 
+@takes_tensors
 def int8_matmul(
     codes_x: torch.Tensor, absmax_x: torch.Tensor, codes_w: torch.Tensor, absmax_w: torch.Tensor
 ) -> torch.Tensor:
@@ -267,6 +272,12 @@ def _check_matmul_args(x, w, bias, outlier_weights):
         )
     if bias is not None and tuple(bias.shape) != (w.shape[0],):
         raise ValueError(f"bias must have shape ({w.shape[0]},), got {tuple(bias.shape)}")
+    if w.device.type == "cpu" and not bool(torch.isfinite(w).all()):  # no sync on CUDA
+        n_bad = int((~torch.isfinite(w)).sum())
+        raise ValueError(
+            f"w has {n_bad} non-finite values; the weights must be finite (they are "
+            "quantized without outlier decomposition)"
+        )
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -434,6 +445,7 @@ def _frozen_linear(X, W8, c_w, bias, tau: float) -> torch.Tensor:
     return _linear_forward(X, W8, c_w, bias, tau, None)[0]
 
 
+@takes_tensors
 def matmul(
     x: torch.Tensor,
     w: torch.Tensor,
@@ -455,8 +467,9 @@ def matmul(
     return _Int8MatMul.apply(x, w, bias, tau, outlier_weights)
 
 
+@takes_tensors
 def outlier_features(
-    hidden_states: torch.Tensor,
+    hidden_states: torch.Tensor | Sequence[torch.Tensor],
     threshold: float = 6.0,
     min_layer_frac: float = 0.25,
     min_token_frac: float = 0.06,
@@ -472,7 +485,7 @@ def outlier_features(
         )
     if not (threshold == threshold and abs(threshold) != float("inf")) or threshold <= 0:
         raise ValueError(f"threshold must be a finite number > 0, got {threshold}")
-    if isinstance(hidden_states, (list, tuple)):
+    if not isinstance(hidden_states, torch.Tensor):  # one tensor per layer
         hidden_states = torch.stack(list(hidden_states))
     H = hidden_states.detach().abs().float()
     if H.ndim != 3:

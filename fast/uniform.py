@@ -24,13 +24,14 @@ Implementation notes:
   with one ``.all()``, one sync per call; everything else is sync-free. ``decode`` never syncs.
 * ``decode`` to float16 / bfloat16 from a float64 scale: torch's cast rounds through float32,
   and the reference does the same on purpose.
-* Non-tensor input raises ``TypeError`` (convert with ``torch.from_numpy``).
+* Non-tensor input raises ``TypeError`` naming the parameter (convert with ``torch.as_tensor``).
 """
 
 from __future__ import annotations
 
 import numpy as np
 import torch
+from lowbit.fast._tensors import takes_tensors
 from lowbit.reference.uniform import (  # constants, checks, shape helpers: shared
     GRANULARITIES,
     MAX_BITS,
@@ -61,22 +62,12 @@ def _name(dtype: torch.dtype) -> str:
 # ---------------------------------------------------------------------------------------------
 
 
-def _check_tensor(t, name: str) -> torch.Tensor:
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(
-            f"{name} must be a torch.Tensor, got {type(t).__name__}: pass a torch.Tensor "
-            f"(torch.from_numpy({name})) or use lowbit.reference.uniform for NumPy arrays"
-        )
-    return t
-
-
 def _working_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _as_working(x) -> torch.Tensor:
     """x in the working precision (float32, or float64 for float64); checks dtype and rank."""
-    _check_tensor(x, "x")
     if x.dtype not in _FLOAT_DTYPES:
         raise ValueError(
             f"x must be floating point (float16/bfloat16/float32/float64), got {_name(x.dtype)}"
@@ -158,7 +149,6 @@ def _per_element(stat: torch.Tensor, n: int, G: int | None) -> torch.Tensor:
 
 def _static_params(scale, zero_point, symmetric: bool, want: tuple, x_w: torch.Tensor, c_ratio):
     """Given (calibrated) parameters, checked as the reference checks them; one host sync."""
-    _check_tensor(scale, "scale")
     if scale.dtype not in _FLOAT_DTYPES or tuple(scale.shape) != want:
         raise ValueError(
             f"scale must be a float array of shape {want} (as encode returns it), got {_name(scale.dtype)} {tuple(scale.shape)}"
@@ -195,6 +185,7 @@ def _const(like: torch.Tensor, value: int) -> torch.Tensor:
 # ---------------------------------------------------------------------------------------------
 
 
+@takes_tensors
 def encode(
     x: torch.Tensor,
     bits: int = 8,
@@ -260,6 +251,7 @@ def encode(
     return q.to(torch.uint8 if bits <= 8 else torch.int32), s, z.to(torch.int32)
 
 
+@takes_tensors
 def decode(
     codes: torch.Tensor,
     scale: torch.Tensor,
@@ -269,8 +261,6 @@ def decode(
     dtype=None,
 ) -> torch.Tensor:
     """x̂ = (q - z) · s in the scale's precision, returned as float32 or ``dtype``; no sync."""
-    _check_tensor(codes, "codes")
-    _check_tensor(scale, "scale")
     out_dtype = _out_dtype(dtype)
     if codes.dtype in _NOT_CODES or codes.dtype.is_complex:
         raise ValueError(f"codes must be integers (from encode), got {_name(codes.dtype)}")
@@ -293,7 +283,6 @@ def decode(
         )
     q = codes.to(torch.int32)  # (..., n)
     if zero_point is not None:
-        _check_tensor(zero_point, "zero_point")
         if zero_point.dtype in _NOT_CODES or tuple(zero_point.shape) != tuple(scale.shape):
             raise ValueError(
                 f"zero_point must be integers shaped like scale {tuple(scale.shape)}, "
@@ -305,6 +294,7 @@ def decode(
     return values.to(out_dtype)
 
 
+@takes_tensors
 def quantize(
     x: torch.Tensor,
     bits: int = 8,

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import functools
 
+from lowbit.reference import __version__ as __version__
+
 
 @functools.cache
 def triton_available() -> bool:

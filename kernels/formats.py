@@ -284,32 +284,33 @@ def _mx_kernel(
     col = blk[:, None] * MX_BLOCK + j[None, :]  # (GROUPS, BLOCK_P2)
     mask = (j[None, :] < MX_BLOCK) & (col < n)
     x = _as_f32(tl.load(x_ptr + row * n + col, mask=mask, other=0), IN_BF16)
-    # shared exponent s = floor(log2 amax) - emax_elem, clamped to E8M0's [-127, 127]
-    nan = x != x
-    x = tl.where(nan, 0.0, x)
-    block_nan = tl.max(nan.to(tl.int32), axis=1) > 0  # (GROUPS,)
+    # shared exponent s = floor(log2 amax) - emax_elem, clamped to E8M0's [-127, 127]; a block
+    # with NaN or Inf inside, or with s above 127, gets the NaN scale and zero codes
+    finite = (x.to(tl.int32, bitcast=True) & 0x7FFFFFFF) < 0x7F800000
+    x = tl.where(finite, x, 0.0)
     amax = tl.max(tl.abs(x), axis=1)  # (GROUPS,)
     abits = amax.to(tl.int32, bitcast=True)
     aE = abits >> 23
     a_log2_sub = ((abits & 0x7FFFFF).to(tl.float32).to(tl.int32, bitcast=True) >> 23) - 276
     a_log2 = tl.where(aE > 0, aE - 127, a_log2_sub)
-    a_log2 = tl.where(aE == 255, -1, a_log2)  # Inf: NumPy's frexp exponent 0, as the reference
     s = tl.where(amax > 0, a_log2 - EMAX_ELEM, -127)
+    nan_block = (tl.min(finite.to(tl.int32), axis=1) == 0) | (s > 127)  # (GROUPS,)
     s = tl.minimum(tl.maximum(s, -127), 127)
+    x = tl.where(nan_block[:, None], 0.0, x)
     code = _fp_code(
         x, 0.0, s[:, None], M, EMIN, SUBNORMALS, MAX_CODE, MAX_CODE, 0, 0, True, HAS_ZERO,
         SIGN_SHIFT, False, True,
     )  # fmt: skip
     if QUANTIZE:
         value = tl.load(table_ptr + code, mask=mask) * _pow2(s)[:, None]  # one rounding
-        value = tl.where(block_nan[:, None], float("nan"), value)
+        value = tl.where(nan_block[:, None], float("nan"), value)
         if OUT_BF16:
             tl.store(out_ptr + row * n + col, _bf16_bits(value), mask=mask)
         else:
             tl.store(out_ptr + row * n + col, value.to(out_ptr.dtype.element_ty), mask=mask)
     else:
         tl.store(out_ptr + row * n + col, code.to(tl.uint8), mask=mask)
-        scale = tl.where(block_nan, 255, s + 127)
+        scale = tl.where(nan_block, 255, s + 127)
         tl.store(scale_ptr + row * n_blocks + blk, scale.to(tl.uint8), mask=blk < n_blocks)
 
 

@@ -299,6 +299,12 @@ def _check_matmul_args(x, w, bias, outlier_weights):
         )
     if bias is not None and np.shape(bias) != (w.shape[0],):
         raise ValueError(f"bias must have shape ({w.shape[0]},), got {np.shape(bias)}")
+    n_bad = int(np.count_nonzero(~np.isfinite(w)))
+    if n_bad:
+        raise ValueError(
+            f"w has {n_bad} non-finite values; the weights must be finite (they are "
+            "quantized without outlier decomposition)"
+        )
 
 
 def matmul(

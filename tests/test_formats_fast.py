@@ -457,6 +457,39 @@ def test_mx_nan_block_and_tiny_scales():
 
 
 @pytest.mark.parametrize("path", ["direct", "lut"], indirect=True)
+def test_mx_inf_and_scale_overflow_give_nan_blocks(path):
+    """Blocks with +-Inf, or whose shared exponent exceeds 127 (float64 inputs; float32 with an
+    element format whose largest binade is below 1), get the NaN scale, as in the reference."""
+    x64 = np.ones((4, 64))
+    x64[0, 3] = np.inf
+    x64[1, 40] = -np.inf
+    x64[2, :32] = 1e300
+    x64[3, 32:] = 2.0**136  # e4m3 (emax_elem 8): s = 128
+    x32 = np.ones((2, 64), np.float32)
+    x32[0, :32] = 2.0**126  # e2m1 with bias 5 (emax_elem -2): s = 128
+    x32[1, :32] = 2.0**125  # s = 127: still representable
+    cases = [
+        (x64, "e4m3fn", [[1, 0], [0, 1], [1, 0], [0, 1]]),
+        (
+            np.where(np.isfinite(x64), np.minimum(x64, 1.0), x64).astype(np.float32),
+            "e4m3fn",
+            [[1, 0], [0, 1], [0, 0], [0, 0]],
+        ),
+        (x32, F.FPFormat(2, 1, bias=5), [[1, 0], [0, 0]]),
+    ]
+    for x, fmt, nan_blocks in cases:
+        t = torch.from_numpy(x)
+        codes, scales = F.encode_mx(t, fmt)
+        rc, rs = R.encode_mx(x, fmt)
+        np.testing.assert_array_equal(scales.numpy(), rs)
+        np.testing.assert_array_equal(codes.numpy(), rc)
+        np.testing.assert_array_equal(rs == 0xFF, np.array(nan_blocks, bool))
+        got = F.quantize_mx(t, fmt).numpy()
+        assert same_values(got, R.quantize_mx(x, fmt)).all()
+        assert (np.isnan(got) == np.repeat(np.array(nan_blocks, bool), 32, axis=1)).all()
+
+
+@pytest.mark.parametrize("path", ["direct", "lut"], indirect=True)
 def test_mx_large_inputs_through_both_paths(path):
     """65,536 elements: the lookup-table MX path (blocks scaled by 2^-s in float32) and the
     bit-level one, against the reference, for every MX element format and float dtype."""

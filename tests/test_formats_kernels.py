@@ -195,7 +195,9 @@ def test_encode_pack_rejects_other_widths():
 
 @pytest.mark.interpret
 @needs_interpreter
-@pytest.mark.parametrize("name", ["e4m3fn", "e5m2", "e3m2fn", "e2m3fn", "e2m1fn", "e6m1"])
+@pytest.mark.parametrize(
+    "name", ["e4m3fn", "e5m2", "e3m2fn", "e2m3fn", "e2m1fn", "e6m1", "e2m1_b5"]
+)
 def test_mx_matches_reference(name):
     rng = np.random.default_rng(0)
     x = rng.standard_normal((9, 200)) * 10.0 ** rng.integers(-20, 20, (9, 1))
@@ -204,6 +206,8 @@ def test_mx_matches_reference(name):
     x[2, 70] = np.inf  # Inf in a block
     x[3, :] = 2.0**-140  # the scale clamps at 2^-127
     x[4, 5] = 1e30  # an outlier
+    x[5, :] = 2.0**126  # e2m1_b5 (largest binade 2^-2): s = 128 overflows E8M0 -> NaN scale
+    x[6, 33] = -np.inf
     x = x.astype(np.float32)
     for dtype, block in ((torch.float32, 32), (torch.float16, 7), (torch.bfloat16, 16)):
         t = torch.from_numpy(x).to(dtype)

@@ -5,6 +5,8 @@ exhaustive enumeration of codes, and float64 arithmetic written out here from th
 from __future__ import annotations
 
 import math
+import re
+from pathlib import Path
 
 import ml_dtypes
 import numpy as np
@@ -111,6 +113,12 @@ def test_names_parse_back(fmt):
         (dict(ebits=8, mbits=7, bias=200), "bias"),
         (dict(ebits=2, mbits=1, specials="inf"), "specials"),
         (dict(ebits=4, mbits=3, bias=2.5), "bias"),
+        (dict(ebits=True, mbits=2), "ebits"),
+        (dict(ebits=2, mbits=False), "mbits"),
+        (dict(ebits=2.0, mbits=1), "ebits"),
+        (dict(ebits=4, mbits=3, bias=True), "bias"),
+        (dict(ebits=2, mbits=1, signed=1), "signed"),
+        (dict(ebits=2, mbits=1, subnormals="no"), "subnormals"),
     ],
 )
 def test_invalid_formats_name_the_field(kwargs, field):
@@ -123,6 +131,15 @@ def test_bad_names_and_int_bits():
         F.parse_format("e2x1")
     with pytest.raises(ValueError, match="bits"):
         F.IntFormat(1)
+    with pytest.raises(ValueError, match="bits"):
+        F.IntFormat(True)
+    with pytest.raises(ValueError, match="bits"):
+        F.IntFormat(8.0)
+    with pytest.raises(ValueError, match="signed"):
+        F.IntFormat(8, signed=0)
+    # NumPy integers and bools are fine and stored as Python ones (hashes and names agree).
+    assert F.FPFormat(np.int64(2), np.int8(1), signed=np.bool_(True)) == F.E2M1FN
+    assert F.IntFormat(np.int32(4)).name == "int4"
 
 
 # ---- exhaustive against ml_dtypes --------------------------------------------------------------------
@@ -377,7 +394,7 @@ def test_stochastic_needs_a_seed_and_is_reproducible():
     assert np.array_equal(F.quantize(grid, F.E2M1FN, rounding="stochastic", seed=1), grid)
 
 
-# ---- numba and numpy versions agree (PERF P1) ------------------------------------------------------
+# ---- numba and numpy versions agree bit for bit -----------------------------------------------------
 
 
 @given(fp_formats(max_bits=16), st.data())
@@ -463,6 +480,56 @@ def test_mx_nan_block_and_errors():
         F.quantize_mx(x, F.E4M3FN, block=0)
     with pytest.raises(ValueError, match="signed float"):
         F.quantize_mx(x, "int8")
+
+
+def test_mx_blocks_that_cannot_be_represented_decode_to_nan():
+    """A block with +-Inf or NaN, or whose shared exponent exceeds E8M0's 2^127, gets the NaN
+    scale 0xFF and zero element codes (microxcaling's golden path): never a finite value."""
+    e2m1_b5 = F.FPFormat(2, 1, bias=5)  # max 0.375: emax_elem = -2, so s = floor(log2 amax) + 2
+    cases = [
+        (np.array([1.0, 100.0, np.inf, 3.0, 1.0, 2.0, 3.0, 4.0]), F.E4M3FN, 4),  # frexp(inf) = 0
+        (np.array([-np.inf, 1.0, 2.0, 3.0, 4.0, 5.0]), F.E2M1FN, 3),
+        (np.array([1e300, 1e200, 1.0, 7.0, 8.0, 9.0]), F.E4M3FN, 3),  # s = 996 - 8 > 127
+        (np.array([2.0**135, 1.0, 2.0**136, 1.0]), F.E4M3FN, 2),  # s = 127 is fine, 128 is not
+        (np.array([2.0**125, 1.0, 2.0**126, 1.0], np.float32), e2m1_b5, 2),  # 127 / 128
+    ]
+    for x, fmt, block in cases:
+        codes, scales = F.encode_mx(x, fmt, block)
+        blocks = x.astype(np.float64).reshape(-1, block)
+        amax = np.abs(blocks).max(axis=1)
+        emax_elem = math.floor(math.log2(fmt.max_value))
+        with np.errstate(invalid="ignore", divide="ignore"):
+            exponent = np.floor(np.log2(amax)) - emax_elem
+        bad = ~np.isfinite(blocks).all(axis=1) | (exponent > 127)
+        assert bad.any() and not bad.all(), (x, fmt)
+        assert (scales[bad] == 0xFF).all() and (scales[~bad] == exponent[~bad] + 127).all()
+        assert (codes.reshape(-1, block)[bad] == 0).all()
+        out = F.quantize_mx(x, fmt, block).reshape(-1, block)
+        assert np.isnan(out[bad]).all() and np.isfinite(out[~bad]).all(), (x, fmt)
+
+
+@pytest.mark.filterwarnings("error")
+def test_no_overflow_warnings_reach_users():
+    """Casting a wide format's values into a narrow dtype overflows to +-Inf on purpose."""
+    codes = np.arange(256, dtype=np.uint8)
+    e8m0 = F.decode(codes, F.E8M0FNU, dtype=np.float16)
+    assert np.isinf(e8m0).sum() == 254 - 143 + 1  # 2^16 .. 2^127 (codes 143..254) overflow
+    assert F.quantize(np.float16([65504.0]), F.E8M0FNU)[0] == np.inf  # rounds to 2^16
+    F.quantize_mx(np.array([1e300, 1e200, 1.0, np.inf]), F.E4M3FN, block=2)
+    F.quantize_mx(np.float16([65504, -65504, 1, 2]), F.FP16, block=2)
+    big = F.decode_mx(
+        np.full((1, 2), 0x7E, np.uint8), np.array([[137]], np.uint8), F.E4M3FN, 2, dtype=np.float16
+    )  # 448 * 2^10 exceeds float16
+    assert np.isposinf(big).all()
+
+
+def test_unsigned_and_zero_free_formats_use_boolean_logic():
+    """``~`` on a Python bool is -2 or -1 (deprecated in 3.12): the encoder must use ``not``."""
+    source = (Path(F.__file__)).read_text()
+    assert not re.search(r"~\s*\(?\s*(fmt|self)\.\w+", source)
+    x = np.array([-1.0, 0.0, 1.0])
+    np.testing.assert_array_equal(F.encode(x, F.E8M0FNU), [0, 0, 127])
+    np.testing.assert_array_equal(F.encode(x, F.FPFormat(2, 1, signed=False)), [0, 0, 2])
 
 
 def test_pack_empty_leading_dimension():

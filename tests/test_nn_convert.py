@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import importlib
 import inspect
+import json
 import pkgutil
 import warnings
 from pathlib import Path
@@ -97,6 +98,106 @@ def test_linear8bitlt_config_round_trip_and_errors():
         Linear8bitLt.from_linear(nn.Conv1d(2, 2, 1))
     with pytest.raises(ValueError, match="threshold"):
         Linear8bitLt(4, 4, threshold=-1)
+
+
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: Linear8bitLt.from_linear(nn.Linear(6, 3)),
+        lambda: FPQLinear.from_linear(nn.Linear(6, 3), calib_inputs=torch.randn(4, 6)),
+    ],
+)
+def test_quantized_linears_refuse_integer_scalar_and_non_tensor_inputs(make):
+    """An int64 batch used to come back as int64 garbage and a 0-d input raised IndexError
+    deep inside nn: each is now one line that says what to pass."""
+    mod = make()
+    name = type(mod).__name__
+    with pytest.raises(
+        ValueError, match=f"^{name} expects a floating-point input, got torch.int64"
+    ):
+        mod(torch.ones(2, 6, dtype=torch.int64))
+    with pytest.raises(ValueError, match=rf"^{name} expects \(\.\.\., 6\) inputs, got shape \(\)"):
+        mod(torch.tensor(1.0))
+    with pytest.raises(TypeError, match="expects a torch tensor, got ndarray"):
+        mod(np.ones((2, 6), np.float32))
+    assert mod(torch.ones(2, 6)).dtype == torch.float32
+
+
+def _saved_mlp(tmp_path):
+    """A two-layer MLP with its first layer in LLM.int8(), saved; returns (path, state, meta)."""
+    from safetensors import safe_open
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 2))
+    model[0] = Linear8bitLt.from_linear(model[0])
+    path = tmp_path / "mlp.safetensors"
+    save_quantized(model, path)
+    with safe_open(path, framework="pt") as f:
+        state = {k: f.get_tensor(k) for k in f.keys()}
+        meta = json.loads(f.metadata()["lowbit"])
+    return path, state, meta
+
+
+def _fresh_mlp():
+    return nn.Sequential(nn.Linear(8, 6), nn.ReLU(), nn.Linear(6, 2))
+
+
+def _tampered(tmp_path, state, meta, name="bad.safetensors"):
+    from safetensors.torch import save_file
+
+    path = tmp_path / name
+    text = meta if isinstance(meta, str) else json.dumps(meta)
+    save_file(state, path, metadata={"lowbit": text})
+    return path
+
+
+def test_load_quantized_validates_tensors_and_metadata(tmp_path):
+    """A float32 weight_codes tensor was truncated into int8 (12.7 -> 12) and malformed metadata
+    raised KeyError / AttributeError from deep frames: each is now one line naming file and key."""
+    path, state, meta = _saved_mlp(tmp_path)
+    x = torch.randn(3, 8)
+    good = load_quantized(_fresh_mlp(), path)
+    assert isinstance(good[0], Linear8bitLt) and good(x).shape == (3, 2)
+
+    def error(st, md):
+        bad = _tampered(tmp_path, st, md)
+        with pytest.raises(ValueError) as info:
+            load_quantized(_fresh_mlp(), bad)
+        msg = str(info.value)
+        assert "\n" not in msg and "bad.safetensors" in msg, msg
+        return msg
+
+    floats = {**state, "0.weight_codes": state["0.weight_codes"].float() + 0.7}
+    assert "'0.weight_codes' is stored as torch.float32, the model expects torch.int8" in error(
+        floats, meta
+    )
+    wide = {**state, "0.weight_absmax": torch.zeros(7)}
+    assert "'0.weight_absmax' has shape (7,), the model expects (6,)" in error(wide, meta)
+    fewer = {k: v for k, v in state.items() if k != "2.bias"}
+    assert "lacks ['2.bias']" in error(fewer, meta)
+    assert "has unexpected ['extra']" in error({**state, "extra": torch.zeros(1)}, meta)
+    no_threshold = copy.deepcopy(meta)
+    del no_threshold["0"]["config"]["threshold"]
+    assert "config of '0' (Linear8bitLt) lacks key 'threshold'" in error(state, no_threshold)
+    assert "entry '0' needs a 'class' str, got None" in error(state, {"0": {"config": {}}})
+    assert "entry '0' needs a 'config' dict" in error(state, {"0": {"class": "Linear8bitLt"}})
+    assert "entry '0' must be an object" in error(state, {"0": "Linear8bitLt"})
+    assert "must map module names" in error(state, "[1, 2]")
+    assert "is not JSON" in error(state, "{not json")
+    assert "names module '5'" in error(state, {"5": meta["0"]})
+    assert "unknown quantized module class 'Nope'" in error(
+        state, {"0": {**meta["0"], "class": "Nope"}}
+    )
+    bad_dtype = copy.deepcopy(meta)
+    bad_dtype["0"]["config"]["weight_dtype"] = "int3"
+    assert "config of '0' is invalid" in error(state, bad_dtype)
+    # float tensors outside quantized modules may change float dtype, as load_state_dict allows
+    half = {**state, "2.weight": state["2.weight"].half()}
+    load_quantized(_fresh_mlp(), _tampered(tmp_path, half, meta, "half.safetensors"))
+    garbage = tmp_path / "garbage.safetensors"
+    garbage.write_bytes(b"not a safetensors file at all")
+    with pytest.raises(ValueError, match="garbage.safetensors' is not a readable safetensors file"):
+        load_quantized(_fresh_mlp(), garbage)
 
 
 def _tiny_llama():

@@ -148,6 +148,66 @@ def test_pair_agrees(op):
     run()
 
 
+def _tensor_parameters(func):
+    return [
+        p.name
+        for p in inspect.signature(func).parameters.values()
+        if isinstance(p.annotation, str) and p.annotation.startswith("torch.Tensor")
+    ]
+
+
+TAKES_TENSORS = sorted(op for op, f in FAST_FUNCTIONS.items() if _tensor_parameters(f))
+
+
+def test_every_tensor_taking_fast_function_is_covered_below():
+    """The check below runs pair inputs; fpq.search (no Hypothesis pair) is checked by hand."""
+    assert set(TAKES_TENSORS) - {op for op, p in PAIRS.items() if p.tested_in is None} == {
+        "fpq.search"
+    }
+    import numpy as np
+    import torch
+    from lowbit.fast import fpq
+
+    x, w = np.ones((4, 3), np.float32), np.ones((2, 3), np.float32)
+    with pytest.raises(TypeError, match="^search: x must be a torch tensor, got numpy.ndarray"):
+        fpq.search(x, torch.from_numpy(w))
+    with pytest.raises(TypeError, match="^search: b must be a torch tensor, got list"):
+        fpq.search(torch.from_numpy(x), torch.from_numpy(w), [0.0, 1.0])
+
+
+@pytest.mark.parametrize("op", [op for op in TAKES_TENSORS if PAIRS[op].tested_in is None])
+def test_fast_functions_given_numpy_or_lists_raise_type_error(op):
+    """Every tensor parameter of every fast function, given the NumPy array the reference takes
+    (or a list): a one-line TypeError naming the parameter, not an AttributeError from deep
+    inside (``'numpy.ndarray' object has no attribute 'is_floating_point'``)."""
+    import numpy as np
+    from hypothesis import assume, settings
+
+    from tests.harness import to_torch
+
+    func, name = FAST_FUNCTIONS[op], op.rsplit(".", 1)[1]
+    tensor_params = _tensor_parameters(func)
+    signature = inspect.signature(func)
+
+    @settings(max_examples=10, deadline=None)
+    @given(st.data())
+    def run(data):
+        call = data.draw(PAIRS[op].inputs, label="call")
+        bound = signature.bind(*call.args, **call.kwargs).arguments
+        arrays = [p for p in tensor_params if isinstance(bound.get(p), np.ndarray)]
+        assume(arrays)
+        for param in arrays:
+            for wrong in (bound[param], bound[param].tolist()):
+                kwargs = {k: (wrong if k == param else to_torch(v)) for k, v in bound.items()}
+                with pytest.raises(TypeError) as info:
+                    func(**kwargs)
+                msg = str(info.value)
+                assert msg.startswith(f"{name}: {param} must be a torch tensor, got "), msg
+                assert "\n" not in msg and "torch.as_tensor" in msg
+
+    run()
+
+
 def _public_reference_functions():
     for info in pkgutil.iter_modules(lowbit.reference.__path__):
         if info.name.startswith("_"):

@@ -314,6 +314,22 @@ def test_cli_bad_input_is_one_line_and_exit_2(argv, fragment, capsys, monkeypatc
     _one_line_error(capsys, argv, fragment)
 
 
+def test_cli_version_is_the_installed_distribution(capsys):
+    from importlib.metadata import version
+
+    import lowbit.fast
+    import lowbit.kernels
+    import lowbit.reference
+
+    installed = version("lowbit")
+    assert lowbit.fast.__version__ == lowbit.reference.__version__ == installed
+    assert lowbit.kernels.__version__ == installed
+    assert cli.main(["--version"]) == 0
+    assert capsys.readouterr().out.strip() == f"lowbit {installed}"
+    assert cli.main(["report", "--help"]) == 0  # argparse's exit becomes a return status
+    assert "--calib-size" in capsys.readouterr().out
+
+
 def test_cli_missing_model_is_one_line_and_exit_2(capsys, monkeypatch, tmp_path):
     def missing(*args, **kwargs):
         raise ModelNotInstalled(

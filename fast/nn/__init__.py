@@ -177,8 +177,18 @@ class QuantizedLinear(nn.Module):
         )
 
     def _rows(self, x: torch.Tensor) -> torch.Tensor:
-        """(..., in_features) -> (tokens, in_features), with a clear error on a wrong width."""
-        if x.shape[-1] != self.in_features:
+        """(..., in_features) -> (tokens, in_features), with a clear error on a wrong input type,
+        dtype (integer tensors would come back as integer garbage) or width."""
+        name = type(self).__name__
+        if not isinstance(x, torch.Tensor):
+            raise TypeError(
+                f"{name} expects a torch tensor, got {type(x).__name__}: convert it with torch.as_tensor"
+            )
+        if not x.is_floating_point():
+            raise ValueError(
+                f"{name} expects a floating-point input, got {x.dtype}: cast it, e.g. x.float()"
+            )
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(
                 f"{type(self).__name__} expects (..., {self.in_features}) inputs, got shape {tuple(x.shape)}"
             )
