@@ -151,6 +151,18 @@ def _on_host(t: torch.Tensor) -> bool:
     return t.device.type == "cpu"
 
 
+def _codes_in_range(codes: torch.Tensor, fmt: FPFormat | IntFormat) -> torch.Tensor:
+    """``codes`` checked to lie in [0, 2^bits) on the host, as the reference checks them; off the
+    host (no sync) masked to the format's bits instead."""
+    if not _on_host(codes):
+        return codes & (2**fmt.bits - 1)
+    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= 2**fmt.bits):
+        raise ValueError(
+            f"codes out of range for {fmt.name} ({fmt.bits} bits): max is {2**fmt.bits - 1}"
+        )
+    return codes
+
+
 def _code_dtype(fmt: FPFormat | IntFormat) -> torch.dtype:
     return torch.uint8 if fmt.bits <= 8 else torch.uint16
 
@@ -497,13 +509,7 @@ def decode(codes: torch.Tensor, fmt: FPFormat | IntFormat | str, dtype=None) -> 
         raise ValueError(
             f"codes must be an unsigned integer array, got {_name(codes.dtype)}: use encode()"
         )
-    idx = codes.to(torch.int32)
-    if not _on_host(codes):
-        idx = idx & (2**fmt.bits - 1)  # unchecked on CUDA (no sync): mask to the format's bits
-    elif codes.numel() and (int(idx.min()) < 0 or int(idx.max()) >= 2**fmt.bits):
-        raise ValueError(
-            f"codes out of range for {fmt.name} ({fmt.bits} bits): max is {2**fmt.bits - 1}"
-        )
+    idx = _codes_in_range(codes.to(torch.int32), fmt)
     return _lookup(_values_table(fmt, codes.device, out_dtype), idx, codes.shape)
 
 

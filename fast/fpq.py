@@ -22,7 +22,7 @@ from typing import Any
 import numpy as np
 import torch
 from lowbit.fast._tensors import takes_tensors
-from lowbit.fast.formats import _on_host
+from lowbit.fast.formats import _codes_in_range
 from lowbit.kernels import on_triton_device
 from lowbit.reference.formats import FPFormat
 from lowbit.reference.fpq import (
@@ -193,14 +193,7 @@ def decode(codes: torch.Tensor, fmt: FPFormat, bias: Any = None) -> torch.Tensor
         raise ValueError(
             f"codes must be an integer array, got {getattr(codes, 'dtype', type(codes))}"
         )
-    c = codes.long()
-    if not _on_host(c):
-        c = c & (2**fmt.bits - 1)  # unchecked off the host (no sync): mask to the format's bits
-    elif c.numel() and (int(c.min()) < 0 or int(c.max()) >= 2**fmt.bits):
-        raise ValueError(
-            f"codes out of range for {fmt.name} ({fmt.bits} bits): they run from 0 to "
-            f"{2**fmt.bits - 1}"
-        )
+    c = _codes_in_range(codes.long(), fmt)
     b = _bias_tensor(fmt.bias if bias is None else bias, c.device)
     _check_bias_shape(tuple(b.shape), tuple(c.shape))
     M = fmt.mbits

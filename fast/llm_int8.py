@@ -89,6 +89,11 @@ def _check_finite(
     bad = ~torch.isfinite(x32)
     if is_outlier is not None:
         bad &= ~is_outlier
+    if name == "w":  # matmul quantizes the weights without outlier decomposition
+        raise ValueError(
+            f"w has {int(bad.sum())} non-finite values; the weights must be finite (they are "
+            "quantized without outlier decomposition)"
+        )
     raise ValueError(
         f"{name} has {int(bad.sum())} non-finite values that are not outliers; "
         "clean the input or set threshold > 0 so Inf goes to the full-precision part"
@@ -96,7 +101,7 @@ def _check_finite(
 
 
 def _quant_rows_torch(
-    X32: torch.Tensor, tau: float
+    X32: torch.Tensor, tau: float, name: str = "x"
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Vectorised twin of the reference's row loop: (codes, absmax, outlier_cols bool).
 
@@ -112,7 +117,7 @@ def _quant_rows_torch(
         absmax = torch.zeros(rows, dtype=torch.float32, device=X32.device)
     else:
         absmax = magnitude.amax(dim=1)
-    _check_finite(X32, is_outlier, absmax, "x")
+    _check_finite(X32, is_outlier, absmax, name)
     usable = absmax >= MIN_ABSMAX
     safe = torch.where(usable, absmax, torch.ones_like(absmax))
     # float32(1 / c) * 127, two roundings: bitsandbytes' `127.0 / row_stats` (torch evaluates a
@@ -128,11 +133,12 @@ def _quant_rows_torch(
     return q.to(torch.int8), absmax, outlier_cols
 
 
-def _quant_rows(X: torch.Tensor, tau: float, zero_columns: bool = True):
+def _quant_rows(X: torch.Tensor, tau: float, zero_columns: bool = True, name: str = "x"):
     """(codes, absmax, outlier_cols) of a 2-D tensor; Triton on CUDA, torch elsewhere.
 
     With ``zero_columns=False`` the kernel's codes keep the non-outlier entries of outlier
-    columns (the GEMM masks them itself), saving a launch on the linear's hot path.
+    columns (the GEMM masks them itself), saving a launch on the linear's hot path. ``name`` is
+    the argument a non-finite error names (checked on CPU only).
     """
     if _use_triton(X):
         from lowbit.kernels.int8 import rowwise_quant
@@ -145,7 +151,7 @@ def _quant_rows(X: torch.Tensor, tau: float, zero_columns: bool = True):
         if zero_columns and flags is not None:
             codes = codes.masked_fill(outlier_cols[None, :], 0)
         return codes, absmax, outlier_cols, flags
-    codes, absmax, outlier_cols = _quant_rows_torch(X.float(), tau)
+    codes, absmax, outlier_cols = _quant_rows_torch(X.float(), tau, name)
     return codes, absmax, outlier_cols, None
 
 
@@ -272,12 +278,6 @@ def _check_matmul_args(x, w, bias, outlier_weights):
         )
     if bias is not None and tuple(bias.shape) != (w.shape[0],):
         raise ValueError(f"bias must have shape ({w.shape[0]},), got {tuple(bias.shape)}")
-    if w.device.type == "cpu" and not bool(torch.isfinite(w).all()):  # no sync on CUDA
-        n_bad = int((~torch.isfinite(w)).sum())
-        raise ValueError(
-            f"w has {n_bad} non-finite values; the weights must be finite (they are "
-            "quantized without outlier decomposition)"
-        )
 
 
 def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -387,7 +387,7 @@ class _Int8MatMul(torch.autograd.Function):
     def forward(ctx, x, w, bias, tau, outlier_weights):
         K, N = x.shape[-1], w.shape[0]
         X = x.reshape(_rows(x.shape), K)
-        W8, c_w, _, _ = _quant_rows(w.contiguous(), 0.0)
+        W8, c_w, _, _ = _quant_rows(w.contiguous(), 0.0, name="w")
         w_full = w if outlier_weights == "full" else None
         Y, O = _linear_forward(X, W8, c_w, bias, tau, w_full)
         if O is None:  # CUDA without threshold

@@ -403,6 +403,14 @@ def _code_dtype(fmt: FPFormat | IntFormat) -> type:
     return np.uint8 if fmt.bits <= 8 else np.uint16
 
 
+def _check_code_range(codes: np.ndarray, fmt: FPFormat | IntFormat) -> None:
+    """Codes must lie in [0, 2^bits): a wider code would read another code's bits."""
+    if codes.size and (codes.min() < 0 or codes.max() >= 2**fmt.bits):
+        raise ValueError(
+            f"codes out of range for {fmt.name} ({fmt.bits} bits): max is {2**fmt.bits - 1}"
+        )
+
+
 def decode(codes: np.ndarray, fmt: FPFormat | IntFormat | str, dtype=None) -> np.ndarray:
     """Codes -> values (float32 unless ``dtype`` is given, e.g. ``np.float64``).
 
@@ -416,10 +424,7 @@ def decode(codes: np.ndarray, fmt: FPFormat | IntFormat | str, dtype=None) -> np
         raise ValueError(
             f"codes must be an unsigned integer array, got {codes.dtype}: use encode()"
         )
-    if codes.size and (codes.min() < 0 or codes.max() >= 2**fmt.bits):
-        raise ValueError(
-            f"codes out of range for {fmt.name} ({fmt.bits} bits): max is {2**fmt.bits - 1}"
-        )
+    _check_code_range(codes, fmt)
     with np.errstate(over="ignore"):
         table = _value_table(fmt).astype(np.dtype(dtype) if dtype is not None else np.float32)
     return table[codes.astype(np.int64)]

@@ -78,7 +78,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-from lowbit.reference.formats import FPFormat
+from lowbit.reference.formats import FPFormat, _check_code_range
 
 __all__ = [
     "MAXVAL_FLOOR",
@@ -287,11 +287,7 @@ def decode(codes: np.ndarray, fmt: FPFormat, bias: Any = None) -> np.ndarray:
     c = np.asarray(codes)
     if c.dtype.kind not in "ui":
         raise ValueError(f"codes must be an integer array, got {c.dtype}")
-    if c.size and (c.min() < 0 or c.max() >= 2**fmt.bits):
-        raise ValueError(
-            f"codes out of range for {fmt.name} ({fmt.bits} bits): they run from 0 to "
-            f"{2**fmt.bits - 1}"
-        )
+    _check_code_range(c, fmt)
     c = c.astype(np.int64)
     b = _check_bias(fmt.bias if bias is None else bias)
     _check_bias_shape(b.shape, c.shape)

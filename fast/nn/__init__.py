@@ -190,7 +190,7 @@ class QuantizedLinear(nn.Module):
             )
         if x.dim() == 0 or x.shape[-1] != self.in_features:
             raise ValueError(
-                f"{type(self).__name__} expects (..., {self.in_features}) inputs, got shape {tuple(x.shape)}"
+                f"{name} expects (..., {self.in_features}) inputs, got shape {tuple(x.shape)}"
             )
         return x.reshape(math.prod(x.shape[:-1]), self.in_features)
 
