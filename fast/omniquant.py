@@ -60,7 +60,7 @@ def _name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
-def _working(x: torch.Tensor, name: str = "w", check: bool = True) -> torch.Tensor:
+def _working(x: torch.Tensor, name: str = "w") -> torch.Tensor:
     if x.dtype not in _FLOATS:
         raise ValueError(
             f"{name} must be floating point (float16/bfloat16/float32/float64), got {_name(x.dtype)}"
@@ -68,7 +68,8 @@ def _working(x: torch.Tensor, name: str = "w", check: bool = True) -> torch.Tens
     if x.dim() < 2:
         raise ValueError(f"{name} must be 2-D (rows, inputs) or more, got shape {tuple(x.shape)}")
     x_w = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
-    if check and x_w.device.type == "cpu" and not bool(torch.isfinite(x_w).all()):
+    # checked on CPU only: on CUDA the check would sync the device on every call
+    if x_w.device.type == "cpu" and not bool(torch.isfinite(x_w.detach()).all()):
         bad = int((~torch.isfinite(x_w)).sum())
         raise ValueError(
             f"{name} has {bad} non-finite values; OmniQuant needs finite input (np.nan_to_num)"
@@ -343,7 +344,7 @@ def quantize_activation(x: torch.Tensor, bits: int = 8) -> torch.Tensor:
         raise ValueError("x must have at least one dimension (..., features), got a scalar")
     if x.numel() == 0:
         return x.clone()
-    rows = _working(_rows(x), "x", check=not x.requires_grad)
+    rows = _working(_rows(x), "x")
     return (
         LWCQuantize.apply(rows, None, None, bits, rows.shape[1], False).reshape(x.shape).to(x.dtype)
     )

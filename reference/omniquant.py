@@ -372,6 +372,7 @@ def quantize_activation(x: np.ndarray, bits: int = 8) -> np.ndarray:
         raise ValueError("x must have at least one dimension (..., features), got a scalar")
     if x.size == 0:
         return x.copy()
+    _working(x.reshape(-1, x.shape[-1]), "x")  # errors name x, not w
     return quantize_weight(x.reshape(-1, x.shape[-1]), bits).reshape(x.shape)
 
 

@@ -305,6 +305,10 @@ def test_bad_input_is_one_line_on_both_sides():
             F.quantize_weight(*t_args, **t_kwargs)
     with pytest.raises(TypeError, match="w"):
         F.quantize_weight(w)
+    x = np.array([[1.0, np.inf]], dtype=np.float32)
+    for fn in (R.quantize_activation, lambda a, b: F.quantize_activation(torch.tensor(a), b)):
+        with pytest.raises(ValueError, match="^x has 1 non-finite values"):
+            fn(x, 4)
 
 
 def test_fast_calibrate_linear_follows_the_reference():
