@@ -27,6 +27,7 @@ from lowbit.reference.omniquant import (
     LinearCalibration,
     _check_bits,
     _check_group_size,
+    _diverged,
     group_count,
 )
 
@@ -119,8 +120,9 @@ def _const(like: torch.Tensor, value: float) -> torch.Tensor:
     return torch.tensor(value, dtype=like.dtype, device=like.device)
 
 
-def _forward(x: torch.Tensor, bits: int, G: int, a, b, symmetric: bool) -> dict[str, Any]:
+def _forward(x: torch.Tensor, bits: int, G: int, gamma, beta, symmetric: bool) -> dict[str, Any]:
     """The quantizer's intermediates, as ``lowbit.reference.omniquant._forward`` (x: (rows, n))."""
+    a, b = _sigmoid(gamma, x), _sigmoid(beta, x)
     n = x.shape[1]
     xg = _grouped(x, G, 0.0)  # (rows, groups, G)
     real = _grouped(torch.ones_like(x, dtype=torch.bool), G, False)
@@ -192,7 +194,7 @@ class LWCQuantize(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x, gamma, beta, bits: int, G: int, symmetric: bool):  # type: ignore[override]
-        f = _forward(x, bits, G, _sigmoid(gamma, x), _sigmoid(beta, x), symmetric)
+        f = _forward(x, bits, G, gamma, beta, symmetric)
         ctx.f = f
         ctx.logit_dtypes = (
             None if gamma is None else gamma.dtype,
@@ -243,7 +245,7 @@ def encode_weight(
     """``(codes, scale, zero_point)`` of ``quantize_weight`` (see the reference)."""
     x, bits, G, g, bt, symmetric, lead = _prepare(w, bits, group_size, gamma, beta, symmetric)
     with torch.no_grad():
-        f = _forward(x, bits, G, _sigmoid(g, x), _sigmoid(bt, x), symmetric)
+        f = _forward(x, bits, G, g, bt, symmetric)
     codes = torch.where(f["real"], f["q"], 0.0).reshape(x.shape[0], -1)[:, : x.shape[1]]
     dtype = torch.uint8 if bits <= 8 else torch.int32
     return (
@@ -320,7 +322,7 @@ def quantize_weight_grad(
             f"grad_output must have w's shape {tuple(w.shape)}, got {tuple(grad_output.shape)}"
         )
     with torch.no_grad():
-        f = _forward(x, bits, G, _sigmoid(g, x), _sigmoid(bt, x), symmetric)
+        f = _forward(x, bits, G, g, bt, symmetric)
         gx, gg, gb = _backward(f, grad_output.reshape(x.shape))
     return (
         gx.reshape(*lead, x.shape[1]),
@@ -550,8 +552,7 @@ def calibrate_linear(
         loss = ((xq @ wq.T + bias + w @ delta - y_fp) ** 2).mean()
         if not bool(torch.isfinite(loss)):
             raise ValueError(
-                f"{name}: the calibration loss is {float(loss)} at step {t}; lower the learning "
-                f"rates (lwc_lr={lwc_lr}, let_lr={let_lr})"
+                _diverged(name, f"the calibration loss is {float(loss)}", t, lwc_lr, let_lr)
             )
         losses.append(float(loss))
         loss.backward()
@@ -565,8 +566,7 @@ def calibrate_linear(
                 params[k] = param.detach() - lr[k] * m_hat / (v_hat.sqrt() + 1e-8)
                 if not bool(torch.isfinite(params[k]).all()):
                     raise ValueError(
-                        f"{name}: the {k} parameters became non-finite at step {t}; lower the "
-                        f"learning rates (lwc_lr={lwc_lr}, let_lr={let_lr})"
+                        _diverged(name, f"the {k} parameters became non-finite", t, lwc_lr, let_lr)
                     )
     return LinearCalibration(
         params.get("scale"), params.get("shift"), params.get("gamma"), params.get("beta"), losses

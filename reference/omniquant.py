@@ -591,6 +591,11 @@ def let_linear_loss_grad(
     return loss, grads
 
 
+def _diverged(name: str, what: str, step: int, lwc_lr: float, let_lr: float) -> str:
+    """The one-line error of a diverging calibration (both sides raise it)."""
+    return f"{name}: {what} at step {step}; lower the learning rates (lwc_lr={lwc_lr}, let_lr={let_lr})"
+
+
 @dataclass
 class LinearCalibration:
     """What ``calibrate_linear`` learned: the parameters (None where not trained) and the loss
@@ -653,10 +658,7 @@ def calibrate_linear(
             symmetric=symmetric,
         )  # fmt: skip
         if not math.isfinite(loss):
-            raise ValueError(
-                f"{name}: the calibration loss is {loss} at step {t}; lower the learning rates "
-                f"(lwc_lr={lwc_lr}, let_lr={let_lr})"
-            )
+            raise ValueError(_diverged(name, f"the calibration loss is {loss}", t, lwc_lr, let_lr))
         losses.append(loss)
         for k, g in grads.items():
             m[k] = 0.9 * m[k] + 0.1 * g
@@ -667,8 +669,7 @@ def calibrate_linear(
                 params[k] = params[k] - lr[k] * m_hat / (np.sqrt(v_hat) + 1e-8)
             if not np.all(np.isfinite(params[k])):
                 raise ValueError(
-                    f"{name}: the {k} parameters became non-finite at step {t}; lower the "
-                    f"learning rates (lwc_lr={lwc_lr}, let_lr={let_lr})"
+                    _diverged(name, f"the {k} parameters became non-finite", t, lwc_lr, let_lr)
                 )
     return LinearCalibration(
         params.get("scale"), params.get("shift"), params.get("gamma"), params.get("beta"), losses
