@@ -16,8 +16,10 @@ the common config entries); a method's module subclasses it, but any ``nn.Module
 ``from_config``, ``lowbit_config`` and ``to_linear`` can be registered (a plug-in from outside
 lowbit included).
 
-Modules: ``Linear8bitLt`` (LLM.int8(), arXiv 2208.07339, ``lowbit.fast.nn.llm_int8``) and
-``FPQLinear`` (LLM-FP4, arXiv 2310.16836, ``lowbit.fast.nn.fpq``). Adding a method: write
+Modules: ``Linear8bitLt`` (LLM.int8(), arXiv 2208.07339, ``lowbit.fast.nn.llm_int8``),
+``FPQLinear`` (LLM-FP4, arXiv 2310.16836, ``lowbit.fast.nn.fpq``) and ``OmniQuantLinear``
+(OmniQuant, arXiv 2308.13137, ``lowbit.fast.nn.omniquant``, which also holds its block-wise
+``calibrate``). Adding a method: write
 ``fast/nn/<method>.py`` with its class decorated by ``@register_module``, and add one import line
 at the bottom of this file (it registers the class and re-exports it from ``lowbit.fast.nn``).
 """
@@ -200,6 +202,7 @@ class QuantizedLinear(nn.Module):
 # They import the base class above, so they come last.
 from lowbit.fast.nn.fpq import FPQLinear as FPQLinear  # noqa: E402
 from lowbit.fast.nn.llm_int8 import Linear8bitLt as Linear8bitLt  # noqa: E402
+from lowbit.fast.nn.omniquant import OmniQuantLinear as OmniQuantLinear  # noqa: E402
 
 # the re-exported classes, for `from lowbit.fast.nn import *` (the docs show them per submodule)
 __all__ += sorted(
