@@ -6,7 +6,9 @@ a ``torch.autograd.Function`` (``LWCQuantize``) whose backward is the reference'
 gradient, the official code's autograd graph without its rounding noise: the official
 ``round_ste`` computes (rint(u) - u) + u, which is not always rint(u) in floating point and then
 moves the clamp's boundary now and then. The activation quantizer is the same Function per
-token with no clipping. Forward values are bit for bit the reference's.
+token with no clipping. Forward values are bit for bit the reference's. On CUDA, where no
+gradient is needed, ``quantize_activation`` runs the Triton kernel
+``lowbit.kernels.omniquant.quantize_activation`` (bit for bit the same values).
 
 The model-level calibration (block by block, Hugging Face BERT and LLaMA) is
 ``lowbit.fast.nn.omniquant.calibrate``; it uses these functions.
@@ -19,6 +21,7 @@ from typing import Any
 
 import torch
 from lowbit.fast._tensors import takes_tensors
+from lowbit.kernels import on_triton_device
 from lowbit.reference.omniquant import (
     CLIP_MAX,
     CLIP_MIN,
@@ -347,6 +350,14 @@ def quantize_activation(x: torch.Tensor, bits: int = 8) -> torch.Tensor:
     if x.numel() == 0:
         return x.clone()
     rows = _working(_rows(x), "x")
+    if (
+        on_triton_device(rows)
+        and x.dtype != torch.float64
+        and not (torch.is_grad_enabled() and x.requires_grad)
+    ):
+        from lowbit.kernels import omniquant as kernels
+
+        return kernels.quantize_activation(_rows(x), bits).reshape(x.shape)
     return (
         LWCQuantize.apply(rows, None, None, bits, rows.shape[1], False).reshape(x.shape).to(x.dtype)
     )

@@ -291,3 +291,74 @@ def test_attention_inputs_are_quantized_per_token_and_head(make, monkeypatch):
     assert torch.equal(_hidden(model, batch), fp)
     with pytest.raises(ValueError, match="Hugging Face PreTrainedModel"):
         quantize_attention_inputs(nn.Linear(2, 2), 4)
+
+
+# ---- the report section ---------------------------------------------------------------------
+
+
+class _TinyLlamaContext:
+    """A stand-in for the report's ``Context`` around the tiny LLaMA (seconds, not minutes)."""
+
+    model_name = "tiny-llama"
+    quality_name = "hidden-state cosine"
+    higher_is_better = True
+    progress = False
+
+    def __init__(self, quick: bool):
+        self.quick = quick
+        self.figures: dict[str, bytes] = {}
+        self.calib_texts, self.eval_texts = ["calibration"], ["evaluation"]
+        self.model = _tiny_llama(init=0.3)
+        self.eval_batch = _batches(1, length=12, pad=False)[0]
+
+    def linears(self, model=None):
+        model = self.model if model is None else model
+        return {
+            n: m
+            for n, m in model.named_modules()
+            if isinstance(m, nn.Linear) and "lm_head" not in n
+        }
+
+    def fresh_copy(self):
+        return copy.deepcopy(self.model)
+
+    def calib_inputs(self):
+        return {"x": torch.randn(16, 32, generator=torch.Generator().manual_seed(0))}
+
+    def calib_batches(self, batch_size=None, passages=None):
+        return _batches(3)
+
+    def evaluate(self, model):
+        with torch.no_grad():
+            ref = self.model.model(**self.eval_batch).last_hidden_state
+            out = model.model(**self.eval_batch).last_hidden_state
+        return float(torch.nn.functional.cosine_similarity(out, ref, dim=-1).mean())
+
+
+@pytest.mark.parametrize("quick", [True, False])
+def test_report_section_rows(quick):
+    from lowbit.fast import report
+    from lowbit.fast.report import omniquant as section
+
+    ctx = _TinyLlamaContext(quick)
+    assert isinstance(ctx, report.ReportContext)
+    rows = report.omniquant_rows(ctx)
+    labels = [r.config for r in rows]
+    assert labels[:3] == ["W4A16 RTN", "W4A16 LWC", "W4A16 LWC+LET"]
+    assert len(rows) == 3 * len(section.OMNIQUANT_SETTINGS)
+    by = {r.config: r for r in rows}
+    # stored bits: codes + 48 bits of scale and zero point per group; per channel (and with
+    # g64 / g128 here, as no linear has more than 64 inputs) that is one group per row
+    lins = ctx.linears().values()
+    per_row = 48 * sum(m.out_features for m in lins) / sum(m.weight.numel() for m in lins)
+    assert by["W4A16 RTN"].wbits == pytest.approx(4 + per_row)
+    assert by["W2A16 g64 RTN"].wbits == pytest.approx(2 + per_row)
+    assert by["W4A4 RTN"].abits == 4.0 and by["W4A16 RTN"].abits is None
+    assert by["W4A16 LWC+LET"].weight_rel_err is None  # LET-rescaled weights are not comparable
+    assert by["W6A6 RTN"].act_rel_err is not None
+    assert all(-1.0 <= r.quality <= 1.0 + 1e-6 for r in rows)
+    settings = section.OMNIQUANT_CALIB_QUICK if quick else section.OMNIQUANT_CALIB
+    assert f"{settings['epochs']} epochs" in by["W3A16 g128 LWC"].note
+    assert "aug_loss" in by["W4A4 LWC+LET"].note and "Q/K/V" in by["W4A4 RTN"].note
+    if not quick:  # training helps where RTN is worst
+        assert by["W3A16 g128 LWC"].quality > by["W3A16 g128 RTN"].quality

@@ -401,7 +401,7 @@ def test_unwritable_output_folder_fails_before_any_work(tmp_path, monkeypatch, c
 
 def test_context_satisfies_the_section_protocol(ctx):
     assert isinstance(ctx, report.ReportContext)
-    assert set(report.SECTIONS) == {"formats", "llm_int8", "fpq"}
+    assert set(report.SECTIONS) == {"formats", "llm_int8", "fpq", "omniquant"}
     assert all(report.ROW_BUILDERS[k] is s.build for k, s in report.SECTIONS.items())
 
 
@@ -543,6 +543,9 @@ class TinyContext:
 
     def calib_inputs(self):
         return self._inputs
+
+    def calib_batches(self, batch_size=None, passages=None):
+        return [self.x]
 
     def fresh_copy(self):
         return self._copy(self.model)

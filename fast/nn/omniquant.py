@@ -5,7 +5,9 @@ the block-wise ``calibrate`` and the attention-input quantizer.
   per row, ``lowbit.fast.formats.pack``: 4-bit two per byte, 3-bit eight codes in three bytes),
   a float32 scale and an integer zero point per row or group, and dynamic per-token activation
   quantization at ``act_bits`` (16 = off). Its weight is bit for bit the LWC fake-quantized
-  weight the calibration trained with.
+  weight the calibration trained with. On CUDA a 4-bit weight-only layer runs the Triton
+  W4A16 dequantize-GEMM (``lowbit.kernels.omniquant``; float32 sums, tier B against float64);
+  elsewhere it computes ``linear(x, x̂)`` in float32, exactly the calibration's forward.
 * ``calibrate(model, batches, ...)``: paper section 3.1 (Algorithm 1), the official
   ``omniquant()`` loop: block by block, LWC and LET parameters trained with AdamW on the MSE
   between the full-precision block's output (on the full-precision chain) and the quantized
@@ -202,6 +204,22 @@ class OmniQuantLinear(QuantizedLinear):
             self._weight_key = key
         return self._weight_cache
 
+    def _triton_ok(self, X: torch.Tensor) -> bool:
+        """Whether the Triton W4A16 kernel computes this forward: CUDA, 4-bit weight-only, a
+        16-bit or float32 input, and groups the kernel can step through (whole groups per row,
+        a multiple of 16 long)."""
+        from lowbit.kernels import on_triton_device
+
+        if not (self.bits == 4 and self.act_bits >= 16 and on_triton_device(X) and X.shape[0]):
+            return False
+        G = self.group_size or self.in_features
+        return (
+            X.dtype in (torch.float16, torch.bfloat16, torch.float32)
+            and self.in_features % G == 0
+            and G % 16 == 0
+            and not (torch.is_grad_enabled() and X.requires_grad)  # the kernel has no backward
+        )
+
     def lowbit_config(self) -> dict[str, Any]:
         """JSON-serialisable shapes and options: ``in_features``, ``out_features``, ``bias``,
         ``weight_dtype``, ``bits``, ``group_size`` and ``act_bits`` (``from_config`` takes this
@@ -228,6 +246,14 @@ class OmniQuantLinear(QuantizedLinear):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """(..., in_features) -> (..., out_features) in x's dtype (see the class docstring)."""
         X = self._rows(x)
+        if self._triton_ok(X):
+            from lowbit.kernels import omniquant as kernels
+
+            Y = kernels.w4a16_linear(
+                X, self.weight_packed, self.weight_scale, self.weight_zero, self.bias,
+                group_size=self.group_size or self.in_features,
+            )  # fmt: skip
+            return Y.reshape(*x.shape[:-1], self.out_features)
         # float64 inputs are computed in float64, everything else in float32
         work = torch.float64 if X.dtype == torch.float64 else torch.float32
         Xq = oq.quantize_activation(X.to(work), self.act_bits) if X.shape[0] else X.to(work)

@@ -43,7 +43,7 @@ from .frame import Row, Section, format_table
 from .frame import run_report as _run_sections
 
 # One line per method: the section modules, in report order.
-SECTION_MODULES = ("formats", "llm_int8", "fpq")
+SECTION_MODULES = ("formats", "llm_int8", "fpq", "omniquant")
 
 SECTIONS: dict[str, Section] = {}
 for _name in SECTION_MODULES:
@@ -58,6 +58,7 @@ ROW_BUILDERS: dict[str, Callable[[ReportContext], list[Row]]] = {
 from .formats import formats_rows  # noqa: E402
 from .fpq import fpq_rows  # noqa: E402
 from .llm_int8 import llm_int8_rows  # noqa: E402
+from .omniquant import omniquant_rows  # noqa: E402
 
 __all__ = [
     "Row",
@@ -77,6 +78,7 @@ __all__ = [
     "formats_rows",
     "llm_int8_rows",
     "fpq_rows",
+    "omniquant_rows",
     "format_table",
     "run_report",
 ]

@@ -6,6 +6,8 @@ nothing runs that no selected section asked for:
 * the model: ``model`` (full precision, float32, eval mode, never modified), ``fresh_copy()``
   to quantize, ``linears(model)`` (the quantizable ``nn.Linear`` layers by name);
 * the text: ``calib_texts`` / ``eval_texts`` (passages from different plays);
+* ``calib_batches(batch_size, passages)``: the calibration texts as tokenizer outputs (for
+  methods that run the model themselves, e.g. OmniQuant's ``calibrate``);
 * ``calib_inputs()``: every linear's inputs on the calibration text (tokens, in_features);
 * ``block_inputs(model)``: block-by-block capture for methods that calibrate one transformer
   block at a time (OmniQuant): yields each block with its inputs computed through the blocks
@@ -111,6 +113,8 @@ class ReportContext(Protocol):
 
     def calib_inputs(self) -> dict[str, torch.Tensor]: ...
 
+    def calib_batches(self, batch_size: int | None = None, passages: int | None = None) -> list: ...
+
     def evaluate(self, model: nn.Module) -> float: ...
 
 
@@ -205,6 +209,19 @@ class Context:
         from tqdm.auto import tqdm
 
         return tqdm(iterable, desc=desc, total=total, disable=not self.progress, leave=False)
+
+    def calib_batches(
+        self, batch_size: int | None = None, passages: int | None = None
+    ) -> list[dict[str, torch.Tensor]]:
+        """The first ``passages`` calibration texts (all: None) as tokenizer outputs of
+        ``batch_size`` texts (default: the context's), for ``model(**batch)``."""
+        texts = self.calib_texts if passages is None else self.calib_texts[:passages]
+        saved = self.batch_size
+        self.batch_size = saved if batch_size is None else int(batch_size)
+        try:
+            return [dict(b) for b in self._batches(texts)]
+        finally:
+            self.batch_size = saved
 
     @torch.no_grad()
     def calib_inputs(self) -> dict[str, torch.Tensor]:
