@@ -6,7 +6,8 @@ against the reference and measures the GPU speed goals of docs/benchmarks.md, in
    counts (O2). Log and JUnit XML go to the output folder.
 2. The GPU sections of ``benchmarks/formats.py`` (M4, M5), ``benchmarks/llm_int8.py`` (M1, M2,
    C1, C3, C7a-c, O1, O2; C7 against bitsandbytes when it imports) and ``benchmarks/fpq.py``
-   (M4 with real biases, M5-like encode, the FP linear); each asserts correctness first.
+   (M4 with real biases, M5-like encode, the FP linear) and ``benchmarks/omniquant.py`` (C9, the
+   W4A16 linear, and the activation quantizer); each asserts correctness first.
 3. One table of every ratio against its gate, and ``gpu_check.json`` (ratios, raw times, the
    hardware and software context) in the output folder.
 
@@ -58,8 +59,13 @@ SECTIONS = {
         " (16384 x 8192 | 8192 x 8192), vs copy and eager torch",
         "M5-like encode to uint8 codes; FP linear W4A4 / W4A8 on codes vs bf16 linear, 4096^3",
     ],
+    "omniquant": [
+        "C9 W4A16 g128 linear (packed codes, OmniQuantLinear) vs bf16 linear, M in 1, 16, 2048,"
+        " (N, K) in (4096, 4096), (11008, 4096), (4096, 11008) | (4096, 4096)",
+        "per-token asymmetric activation quantizer bf16 (16384 x 4096 | 4096 x 4096) vs copy",
+    ],
 }
-STEP_SHARE = {"pytest": 0.45, "formats": 0.15, "llm_int8": 0.25, "fpq": 0.15}
+STEP_SHARE = {"pytest": 0.4, "formats": 0.12, "llm_int8": 0.2, "fpq": 0.14, "omniquant": 0.14}
 GATE = re.compile(r"gate\s*([0-9.]+)\s*(x)?")
 
 

@@ -16,6 +16,7 @@ The model-level calibration (block by block, Hugging Face BERT and LLaMA) is
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -28,6 +29,7 @@ from lowbit.reference.omniquant import (
     LWC_INIT,
     SCALE_FLOOR,
     LinearCalibration,
+    MLPCalibration,
     _check_bits,
     _check_group_size,
     _diverged,
@@ -55,6 +57,8 @@ __all__ = [
     "rotary_scale",
     "LinearCalibration",
     "calibrate_linear",
+    "MLPCalibration",
+    "calibrate_mlp",
 ]
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
@@ -512,6 +516,35 @@ def let_q_k(
     )
 
 
+def _adam(params, loss_fn, steps: int, lr: dict, name: str, lwc_lr: float, let_lr: float):
+    """The reference's ``_adam`` with autograd: the same moments, steps and errors."""
+    m = {k: torch.zeros_like(v) for k, v in params.items()}
+    v2 = {k: torch.zeros_like(v) for k, v in params.items()}
+    losses = []
+    for t in range(1, steps + 1):
+        p = {k: v.detach().requires_grad_(True) for k, v in params.items()}
+        loss = loss_fn(p)
+        value = float(loss.detach())
+        if not math.isfinite(value):
+            raise ValueError(_diverged(name, f"the calibration loss is {value}", t, lwc_lr, let_lr))
+        losses.append(value)
+        loss.backward()
+        with torch.no_grad():
+            for k, param in p.items():
+                g = param.grad
+                assert g is not None  # every parameter enters the loss
+                m[k] = 0.9 * m[k] + 0.1 * g
+                v2[k] = 0.999 * v2[k] + 0.001 * g * g
+                m_hat, v_hat = m[k] / (1 - 0.9**t), v2[k] / (1 - 0.999**t)
+                step = lr[k.split("_")[0]]
+                params[k] = param.detach() - step * m_hat / (v_hat.sqrt() + 1e-8)
+                if not bool(torch.isfinite(params[k]).all()):
+                    raise ValueError(
+                        _diverged(name, f"the {k} parameters became non-finite", t, lwc_lr, let_lr)
+                    )
+    return losses
+
+
 @takes_tensors
 def calibrate_linear(
     x: torch.Tensor,
@@ -547,38 +580,65 @@ def calibrate_linear(
         params["gamma"] = torch.full((w.shape[0], n_groups), LWC_INIT, dtype=torch.float64)
         params["beta"] = torch.full((w.shape[0], n_groups), LWC_INIT, dtype=torch.float64)
     lr = {"scale": let_lr, "shift": let_lr, "gamma": lwc_lr, "beta": lwc_lr}
-    m = {k: torch.zeros_like(v) for k, v in params.items()}
-    v2 = {k: torch.zeros_like(v) for k, v in params.items()}
-    losses = []
-    for t in range(1, steps + 1):
-        p = {k: v.detach().requires_grad_(True) for k, v in params.items()}
-        s = (
-            truncate_scale(p["scale"])
-            if "scale" in p
-            else torch.ones(x.shape[1], dtype=torch.float64)
-        )
-        delta = p.get("shift", torch.zeros(x.shape[1], dtype=torch.float64))
+
+    def loss_fn(p: dict[str, torch.Tensor]) -> torch.Tensor:
+        s = truncate_scale(p["scale"]) if "scale" in p else torch.ones_like(x[0])
+        delta = p.get("shift", torch.zeros_like(x[0]))
         xq = quantize_activation((x - delta) / s, abits)
         wq = quantize_weight(w * s, wbits, group_size, p.get("gamma"), p.get("beta"), symmetric)
-        loss = ((xq @ wq.T + bias + w @ delta - y_fp) ** 2).mean()
-        if not bool(torch.isfinite(loss)):
-            raise ValueError(
-                _diverged(name, f"the calibration loss is {float(loss)}", t, lwc_lr, let_lr)
-            )
-        losses.append(float(loss))
-        loss.backward()
-        with torch.no_grad():
-            for k, param in p.items():
-                g = param.grad
-                assert g is not None  # every parameter enters the loss
-                m[k] = 0.9 * m[k] + 0.1 * g
-                v2[k] = 0.999 * v2[k] + 0.001 * g * g
-                m_hat, v_hat = m[k] / (1 - 0.9**t), v2[k] / (1 - 0.999**t)
-                params[k] = param.detach() - lr[k] * m_hat / (v_hat.sqrt() + 1e-8)
-                if not bool(torch.isfinite(params[k]).all()):
-                    raise ValueError(
-                        _diverged(name, f"the {k} parameters became non-finite", t, lwc_lr, let_lr)
-                    )
+        return ((xq @ wq.T + bias + w @ delta - y_fp) ** 2).mean()
+
+    losses = _adam(params, loss_fn, steps, lr, name, lwc_lr, let_lr)
     return LinearCalibration(
         params.get("scale"), params.get("shift"), params.get("gamma"), params.get("beta"), losses
     )
+
+
+@takes_tensors
+def calibrate_mlp(
+    x: torch.Tensor,
+    w_gate: torch.Tensor,
+    w_up: torch.Tensor,
+    w_down: torch.Tensor,
+    *,
+    wbits: int = 4,
+    abits: int = 16,
+    group_size: int | None = None,
+    symmetric: bool = False,
+    lwc: bool = True,
+    let: bool = True,
+    alpha: float = 0.5,
+    steps: int = 100,
+    lwc_lr: float = 1e-2,
+    let_lr: float = 5e-3,
+    name: str = "mlp",
+) -> MLPCalibration:
+    """OmniQuant on one LLaMA MLP sub-block (see the reference): the same initialisation and
+    Adam steps, gradients from autograd. float64; returns the reference's ``MLPCalibration``
+    holding torch tensors."""
+    x = x.to(torch.float64)
+    W = [w.to(torch.float64) for w in (w_gate, w_up, w_down)]
+    y_fp = (torch.nn.functional.silu(x @ W[0].T) * (x @ W[1].T)) @ W[2].T
+    params: dict[str, torch.Tensor] = {}
+    if let:
+        params["scale"] = smooth_scale(x.abs().amax(dim=0), W[1], alpha)
+    if lwc:
+        for key, w in zip(("gate", "up", "down"), W):
+            shape = (w.shape[0], group_count(w.shape[1], group_size))
+            params[f"gamma_{key}"] = torch.full(shape, LWC_INIT, dtype=torch.float64)
+            params[f"beta_{key}"] = torch.full(shape, LWC_INIT, dtype=torch.float64)
+    lr = {"scale": let_lr, "gamma": lwc_lr, "beta": lwc_lr}
+
+    def loss_fn(p: dict[str, torch.Tensor]) -> torch.Tensor:
+        s = truncate_scale(p["scale"]) if "scale" in p else torch.ones_like(x[0])
+
+        def wq(key: str, w: torch.Tensor) -> torch.Tensor:
+            gamma, beta = p.get(f"gamma_{key}"), p.get(f"beta_{key}")
+            return quantize_weight(w, wbits, group_size, gamma, beta, symmetric)
+
+        xq = quantize_activation(x / s, abits)
+        h = torch.nn.functional.silu(xq @ wq("gate", W[0] * s).T) * (xq @ wq("up", W[1] * s).T)
+        y = quantize_activation(h, abits) @ wq("down", W[2]).T
+        return ((y - y_fp) ** 2).mean()
+
+    return MLPCalibration(params, _adam(params, loss_fn, steps, lr, name, lwc_lr, let_lr))

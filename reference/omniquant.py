@@ -12,7 +12,9 @@ on the block's output error, with two kinds of learnable parameters:
 
 This module is the method step by step, so it can be read next to the paper: the quantizer
 and its analytic gradients (the official code's autograd graph), the per-token activation
-quantizer, the LET transformations, and a hand-written Adam calibration of one linear layer.
+quantizer, the LET transformations, and hand-written Adam calibrations of one linear layer
+and of one LLaMA MLP sub-block (gate, up, SwiGLU, down: the chain rule through two quantized
+layers and the activation, ``let_mlp_loss_grad``).
 ``lowbit.fast.omniquant`` is the same in torch, plus the block-wise calibration of models.
 
 The quantizer, exactly as the official code's ``UniformAffineQuantizer`` computes it (b bits,
@@ -72,6 +74,9 @@ __all__ = [
     "let_linear_loss_grad",
     "LinearCalibration",
     "calibrate_linear",
+    "let_mlp_loss_grad",
+    "MLPCalibration",
+    "calibrate_mlp",
 ]
 
 CLIP_MIN, CLIP_MAX = 1e-5, 1e4  # the scale clamp (and |z| <= 1e4) of the official quantizer
@@ -596,6 +601,34 @@ def _diverged(name: str, what: str, step: int, lwc_lr: float, let_lr: float) -> 
     return f"{name}: {what} at step {step}; lower the learning rates (lwc_lr={lwc_lr}, let_lr={let_lr})"
 
 
+def _adam(params, loss_and_grads, steps: int, lr: dict, name: str, lwc_lr: float, let_lr: float):
+    """``steps`` Adam steps on ``params`` (a dict, updated in place): betas 0.9 / 0.999,
+    eps 1e-8, no weight decay (the official AdamW with wd = 0), ``lr[key]`` per parameter
+    (keys starting with "gamma"/"beta" use lr["gamma"]). Returns the loss before each step;
+    a non-finite loss or parameter raises the one-line ``_diverged`` error."""
+    m = {k: np.zeros_like(v) for k, v in params.items()}  # Adam's first moment
+    v2 = {k: np.zeros_like(v) for k, v in params.items()}  # and second moment
+    losses = []
+    for t in range(1, steps + 1):
+        loss, grads = loss_and_grads(params)
+        if not math.isfinite(loss):
+            raise ValueError(_diverged(name, f"the calibration loss is {loss}", t, lwc_lr, let_lr))
+        losses.append(loss)
+        for k, g in grads.items():
+            m[k] = 0.9 * m[k] + 0.1 * g
+            v2[k] = 0.999 * v2[k] + 0.001 * g * g
+            m_hat = m[k] / (1 - 0.9**t)
+            v_hat = v2[k] / (1 - 0.999**t)
+            step = lr[k.split("_")[0]]
+            with np.errstate(over="ignore", invalid="ignore"):  # reported just below
+                params[k] = params[k] - step * m_hat / (np.sqrt(v_hat) + 1e-8)
+            if not np.all(np.isfinite(params[k])):
+                raise ValueError(
+                    _diverged(name, f"the {k} parameters became non-finite", t, lwc_lr, let_lr)
+                )
+    return losses
+
+
 @dataclass
 class LinearCalibration:
     """What ``calibrate_linear`` learned: the parameters (None where not trained) and the loss
@@ -648,29 +681,168 @@ def calibrate_linear(
         params["gamma"] = np.full((w.shape[0], n_groups), LWC_INIT)
         params["beta"] = np.full((w.shape[0], n_groups), LWC_INIT)
     lr = {"scale": let_lr, "shift": let_lr, "gamma": lwc_lr, "beta": lwc_lr}
-    m = {k: np.zeros_like(v) for k, v in params.items()}  # Adam's first moment
-    v2 = {k: np.zeros_like(v) for k, v in params.items()}  # and second moment
-    losses = []
-    for t in range(1, steps + 1):
-        loss, grads = let_linear_loss_grad(
-            x, w, b, params.get("scale"), params.get("shift"), params.get("gamma"),
-            params.get("beta"), y_target=y_fp, wbits=wbits, abits=abits, group_size=group_size,
-            symmetric=symmetric,
+
+    def loss_and_grads(p: dict[str, np.ndarray]) -> tuple[float, dict[str, np.ndarray]]:
+        return let_linear_loss_grad(
+            x, w, b, p.get("scale"), p.get("shift"), p.get("gamma"), p.get("beta"),
+            y_target=y_fp, wbits=wbits, abits=abits, group_size=group_size, symmetric=symmetric,
         )  # fmt: skip
-        if not math.isfinite(loss):
-            raise ValueError(_diverged(name, f"the calibration loss is {loss}", t, lwc_lr, let_lr))
-        losses.append(loss)
-        for k, g in grads.items():
-            m[k] = 0.9 * m[k] + 0.1 * g
-            v2[k] = 0.999 * v2[k] + 0.001 * g * g
-            m_hat = m[k] / (1 - 0.9**t)
-            v_hat = v2[k] / (1 - 0.999**t)
-            with np.errstate(over="ignore", invalid="ignore"):  # reported just below
-                params[k] = params[k] - lr[k] * m_hat / (np.sqrt(v_hat) + 1e-8)
-            if not np.all(np.isfinite(params[k])):
-                raise ValueError(
-                    _diverged(name, f"the {k} parameters became non-finite", t, lwc_lr, let_lr)
-                )
+
+    losses = _adam(params, loss_and_grads, steps, lr, name, lwc_lr, let_lr)
     return LinearCalibration(
         params.get("scale"), params.get("shift"), params.get("gamma"), params.get("beta"), losses
     )
+
+
+def _silu(u: np.ndarray) -> np.ndarray:
+    return u / (1.0 + np.exp(-u))
+
+
+def let_mlp_loss_grad(
+    x,
+    w_gate,
+    w_up,
+    w_down,
+    params: dict,
+    *,
+    y_target,
+    wbits: int = 4,
+    abits: int = 16,
+    group_size: int | None = None,
+    symmetric: bool = False,
+):
+    """A LLaMA MLP sub-block under LET and LWC, its loss and analytic gradients.
+
+    Forward (the norm before the MLP folded into X, as in ``let_linear_loss_grad``):
+    X' = X / s, W_gate' = W_gate · diag(s), W_up' = W_up · diag(s) (LET: norm -> gate/up);
+    X̂ = Q_a(X'); G = X̂ Q_w(W_gate')^T, U = X̂ Q_w(W_up')^T, H = silu(G) ⊙ U (the SwiGLU);
+    Y = Q_a(H) Q_w(W_down)^T (no LET on down_proj, as in the official code);
+    loss = mean((Y - y_target)^2).
+
+    ``params`` holds what is learned, each entry optional: "scale" (in,) and the LWC logits
+    "gamma_gate", "beta_gate", "gamma_up", "beta_up", "gamma_down", "beta_down" (rows, groups).
+    Returns ``(loss, grads)`` with the gradient of each given parameter (float64).
+    """
+    x = np.asarray(x, dtype=np.float64)
+    W = {
+        k: np.asarray(v, dtype=np.float64)
+        for k, v in (("gate", w_gate), ("up", w_up), ("down", w_down))
+    }
+    s = (
+        truncate_scale(np.asarray(params["scale"], np.float64))
+        if "scale" in params
+        else np.ones(x.shape[1])
+    )
+
+    def wq(key: str, w: np.ndarray) -> np.ndarray:
+        return quantize_weight(
+            w, wbits, group_size, params.get(f"gamma_{key}"), params.get(f"beta_{key}"), symmetric
+        )
+
+    def wq_grad(key: str, w: np.ndarray, g: np.ndarray):
+        return quantize_weight_grad(
+            w,
+            wbits,
+            group_size,
+            params.get(f"gamma_{key}"),
+            params.get(f"beta_{key}"),
+            symmetric,
+            grad_output=g,
+        )
+
+    x_let = x / s  # X'                                   (tokens, d)
+    w_gate_let, w_up_let = W["gate"] * s, W["up"] * s  # (ffn, d)
+    xq = quantize_activation(x_let, abits)
+    q_gate, q_up, q_down = wq("gate", w_gate_let), wq("up", w_up_let), wq("down", W["down"])
+    g = xq @ q_gate.T  # (tokens, ffn)
+    u = xq @ q_up.T
+    sig = 1.0 / (1.0 + np.exp(-g))
+    h = g * sig * u  # silu(G) ⊙ U
+    hq = quantize_activation(h, abits)
+    y = hq @ q_down.T  # (tokens, d_out)
+    diff = y - np.asarray(y_target, dtype=np.float64)
+    loss = float(np.mean(diff**2))
+
+    g_y = 2.0 * diff / diff.size  # ∂loss/∂Y
+    g_hq, g_qdown = g_y @ q_down, g_y.T @ hq
+    g_h = quantize_activation_grad(h, abits, grad_output=g_hq)
+    g_g = g_h * u * sig * (1.0 + g * (1.0 - sig))  # silu'(G) = σ(G) (1 + G (1 - σ(G)))
+    g_u = g_h * g * sig
+    g_xq = g_g @ q_gate + g_u @ q_up
+    g_qgate, g_qup = g_g.T @ xq, g_u.T @ xq
+    g_x_let = quantize_activation_grad(x_let, abits, grad_output=g_xq)
+    g_w = {}
+    grads: dict[str, np.ndarray] = {}
+    for key, w_let, g_q in (
+        ("gate", w_gate_let, g_qgate),
+        ("up", w_up_let, g_qup),
+        ("down", W["down"], g_qdown),
+    ):
+        g_w[key], g_gamma, g_beta = wq_grad(key, w_let, g_q)
+        if f"gamma_{key}" in params:
+            grads[f"gamma_{key}"] = g_gamma
+        if f"beta_{key}" in params:
+            grads[f"beta_{key}"] = g_beta
+    if "scale" in params:  # s through X' = X / s and both W' = W s (STE past the floor)
+        grads["scale"] = (
+            (g_w["gate"] * W["gate"]).sum(axis=0)
+            + (g_w["up"] * W["up"]).sum(axis=0)
+            - (g_x_let * x_let / s).sum(axis=0)
+        )
+    return loss, grads
+
+
+@dataclass
+class MLPCalibration:
+    """What ``calibrate_mlp`` learned (the ``params`` of ``let_mlp_loss_grad``) and the loss
+    at every step (before the step's update)."""
+
+    params: dict
+    losses: list[float]
+
+
+def calibrate_mlp(
+    x,
+    w_gate,
+    w_up,
+    w_down,
+    *,
+    wbits: int = 4,
+    abits: int = 16,
+    group_size: int | None = None,
+    symmetric: bool = False,
+    lwc: bool = True,
+    let: bool = True,
+    alpha: float = 0.5,
+    steps: int = 100,
+    lwc_lr: float = 1e-2,
+    let_lr: float = 5e-3,
+    name: str = "mlp",
+) -> MLPCalibration:
+    """OmniQuant on one LLaMA MLP sub-block (gate, up, SwiGLU, down), readable end to end:
+    the norm -> gate/up LET scale initialised SmoothQuant-style from X and W_up (the official
+    code takes the first linear of the group), LWC logits at 4.0 on all three weights, then
+    ``steps`` Adam steps (as ``calibrate_linear``) on the sub-block's output MSE against full
+    precision, with the analytic gradients of ``let_mlp_loss_grad``."""
+    x = np.asarray(x, dtype=np.float64)
+    W = [np.asarray(w, dtype=np.float64) for w in (w_gate, w_up, w_down)]
+    g_fp = x @ W[0].T
+    y_fp = (_silu(g_fp) * (x @ W[1].T)) @ W[2].T
+    params: dict[str, np.ndarray] = {}
+    if let:
+        params["scale"] = smooth_scale(np.abs(x).max(axis=0), W[1], alpha)
+    if lwc:
+        for key, w in zip(("gate", "up", "down"), W):
+            shape = (w.shape[0], group_count(w.shape[1], group_size))
+            params[f"gamma_{key}"] = np.full(shape, LWC_INIT)
+            params[f"beta_{key}"] = np.full(shape, LWC_INIT)
+    lr = {"scale": let_lr, "gamma": lwc_lr, "beta": lwc_lr}
+
+    def loss_and_grads(p: dict[str, np.ndarray]) -> tuple[float, dict[str, np.ndarray]]:
+        return let_mlp_loss_grad(
+            x, W[0], W[1], W[2], p, y_target=y_fp, wbits=wbits, abits=abits, group_size=group_size,
+            symmetric=symmetric,
+        )  # fmt: skip
+
+    losses = _adam(params, loss_and_grads, steps, lr, name, lwc_lr, let_lr)
+    return MLPCalibration(params, losses)

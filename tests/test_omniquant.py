@@ -324,3 +324,68 @@ def test_fast_calibrate_linear_follows_the_reference():
     np.testing.assert_allclose(fast.losses, ref.losses, rtol=1e-9)
     for k in ("scale", "shift", "gamma", "beta"):
         np.testing.assert_allclose(getattr(fast, k).numpy(), getattr(ref, k), rtol=1e-7, atol=1e-10)
+
+
+def _mlp_case(seed: int = 8):
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((20, 16)) * np.exp(rng.standard_normal(16))
+    w_gate, w_up = rng.standard_normal((24, 16)) * 0.3, rng.standard_normal((24, 16)) * 0.3
+    w_down = rng.standard_t(3, (12, 24)) * 0.2
+    return rng, x, w_gate, w_up, w_down
+
+
+def test_let_mlp_gradient_matches_autograd_of_the_fast_path():
+    """The chain rule by hand through a quantized SwiGLU MLP (two weight quantizers feeding
+    the product, the activation quantizer between the layers) equals torch autograd through
+    the fast path's Functions (float64)."""
+    rng, x, w_gate, w_up, w_down = _mlp_case()
+    y_t = rng.standard_normal((20, 12))
+    # groups of 8, and of 12 (gate/up: 16 inputs, a short last group)
+    for abits, group in ((16, 8), (6, 12)):
+        fit = {"scale": np.exp(0.3 * rng.standard_normal(16))}
+        for key, w in (("gate", w_gate), ("up", w_up), ("down", w_down)):
+            shape = (w.shape[0], -(-w.shape[1] // group))
+            fit[f"gamma_{key}"] = 3 + rng.standard_normal(shape)
+            fit[f"beta_{key}"] = 3 + rng.standard_normal(shape)
+        loss, grads = R.let_mlp_loss_grad(x, w_gate, w_up, w_down, fit, y_target=y_t, wbits=4,
+                                          abits=abits, group_size=group)  # fmt: skip
+        P = {k: torch.tensor(v, requires_grad=True) for k, v in fit.items()}
+        X = torch.tensor(x)
+        s = F.truncate_scale(P["scale"])
+
+        def wq(key, w, P=P, group=group):
+            return F.quantize_weight(w, 4, group, P[f"gamma_{key}"], P[f"beta_{key}"])
+
+        xq = F.quantize_activation(X / s, abits)
+        h = torch.nn.functional.silu(xq @ wq("gate", torch.tensor(w_gate) * s).T) * (
+            xq @ wq("up", torch.tensor(w_up) * s).T
+        )
+        y = F.quantize_activation(h, abits) @ wq("down", torch.tensor(w_down)).T
+        t_loss = ((y - torch.tensor(y_t)) ** 2).mean()
+        t_loss.backward()
+        assert loss == pytest.approx(float(t_loss.detach()), rel=1e-12)
+        assert set(grads) == set(P)
+        for k, v in P.items():
+            np.testing.assert_allclose(grads[k], v.grad.numpy(), rtol=1e-9, atol=1e-12)
+
+
+def test_calibrate_mlp_lowers_the_error_and_the_fast_path_follows():
+    _, x, w_gate, w_up, w_down = _mlp_case(9)
+    x[:, 3] *= 30.0  # an outlier channel for LET to move
+    kw = dict(wbits=3, abits=6)
+    rtn = R.calibrate_mlp(x, w_gate, w_up, w_down, lwc=False, let=False, steps=1, **kw)
+    ref = R.calibrate_mlp(x, w_gate, w_up, w_down, steps=60, lwc_lr=5e-2, **kw)
+    assert ref.losses[-1] < 0.9 * ref.losses[0] and ref.losses[-1] < 0.5 * rtn.losses[0]
+    with pytest.raises(ValueError, match="mlp7: .* lower the learning rates"):
+        R.calibrate_mlp(x, w_gate, w_up, w_down, steps=5, let_lr=1e308, name="mlp7")
+
+
+def test_fast_calibrate_mlp_follows_the_reference():
+    _, x, w_gate, w_up, w_down = _mlp_case(10)
+    kw = dict(wbits=3, abits=8, group_size=8, steps=12)
+    ref = R.calibrate_mlp(x, w_gate, w_up, w_down, **kw)
+    fast = F.calibrate_mlp(*(torch.tensor(a) for a in (x, w_gate, w_up, w_down)), **kw)
+    np.testing.assert_allclose(fast.losses, ref.losses, rtol=1e-9)
+    assert set(fast.params) == set(ref.params)
+    for k, v in ref.params.items():
+        np.testing.assert_allclose(fast.params[k].numpy(), v, rtol=1e-7, atol=1e-10)

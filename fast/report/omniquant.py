@@ -28,7 +28,7 @@ from .frame import Row, Section, mean, rel_err
 __all__ = ["OMNIQUANT_CALIB", "OMNIQUANT_CALIB_QUICK", "OMNIQUANT_SETTINGS", "omniquant_rows"]
 __all__ += ["SECTION"]
 
-OMNIQUANT_CALIB: dict[str, Any] = {"passages": 16, "batch_size": 2, "epochs": 4, "lwc_lr": 5e-2}
+OMNIQUANT_CALIB: dict[str, Any] = {"passages": 16, "batch_size": 2, "epochs": 3, "lwc_lr": 5e-2}
 OMNIQUANT_CALIB_QUICK: dict[str, Any] = {
     "passages": 2,
     "batch_size": 2,
@@ -123,5 +123,5 @@ def omniquant_rows(ctx: ReportContext) -> list[Row]:
 
 
 SECTION = Section(
-    "omniquant", "OmniQuant", omniquant_rows, evaluations=15, extra_seconds=(110.0, 10.0)
+    "omniquant", "OmniQuant", omniquant_rows, evaluations=15, extra_seconds=(130.0, 10.0)
 )

@@ -84,5 +84,12 @@ register(
         tested_in="tests/test_omniquant.py::test_fast_calibrate_linear_follows_the_reference",
     )
 )
+register(
+    Pair(
+        "omniquant.calibrate_mlp",
+        scales(),
+        tested_in="tests/test_omniquant.py::test_fast_calibrate_mlp_follows_the_reference",
+    )
+)
 for _op in ("smooth_scale", "let_norm_linears", "let_v_o", "let_q_k", "rotary_scale"):
     register(Pair(f"omniquant.{_op}", scales(), tested_in=_LET))
