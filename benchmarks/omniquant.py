@@ -2,7 +2,8 @@
 
 CPU (always): P5 for the LWC weight quantizer and its analytic gradient (NumPy reference vs the
 torch fast path, 4-bit, group 128, float32), and the calibration cost on all-MiniLM-L6-v2:
-seconds per AdamW step and per block at the report's settings, weight-only and W4A4.
+seconds per AdamW step and per block at the report's settings, weight-only and W4A4; and
+the peak memory of calibrating SmolLM2-135M against its float32 weights (when installed).
 
 GPU (only when CUDA is available): C9, the W4A16 group-128 dequantize-GEMM of
 ``OmniQuantLinear`` against torch's bf16 linear, at decode (M = 1, 16) and prefill (M = 2048)
@@ -97,6 +98,55 @@ def calibration_section(quick: bool) -> tuple[dict, list[tuple[str, str, float, 
     return raw, rows
 
 
+def _rss_kib(field: str) -> int:
+    """A /proc/self/status memory line (VmRSS, VmHWM) in KiB (Linux)."""
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1])
+    raise RuntimeError(f"/proc/self/status has no {field}")
+
+
+def peak_memory_section(quick: bool) -> tuple[dict, list[tuple[str, str, float, str]]]:
+    """Peak memory of ``calibrate`` on SmolLM2-135M (W4A4 LWC+LET, aug_loss) above the loaded
+    model, against the model's float32 weights: one block's activations and training state are
+    held at a time. Linux: the peak RSS is reset through /proc/self/clear_refs before the run."""
+    from lowbit.fast.models import ModelNotInstalled
+    from lowbit.fast.nn.omniquant import calibrate
+    from lowbit.fast.report.context import build_context
+
+    try:
+        ctx = build_context("smollm2", progress=False)
+    except ModelNotInstalled as exc:
+        return {"skipped": str(exc)}, [
+            ("-", "SmolLM2 not installed: peak memory not measured", float("nan"), "")
+        ]
+    model = ctx.model  # calibrated in place: nothing else uses it in this process
+    batches = ctx.calib_batches(2)
+    weights_mb = sum(p.numel() * 4 for p in model.parameters()) / 2**20
+    tokens = sum(int(b["attention_mask"].sum()) for b in batches)
+    with open("/proc/self/clear_refs", "w") as f:
+        f.write("5")  # reset VmHWM to the current RSS
+    before = _rss_kib("VmRSS")
+    t0 = time.perf_counter()
+    report = calibrate(
+        model, batches, wbits=4, abits=4, let=True, aug_loss=True, epochs=1 if quick else 2,
+        lwc_lr=5e-2, progress=False,
+    )  # fmt: skip
+    seconds = time.perf_counter() - t0
+    peak_mb = (_rss_kib("VmHWM") - before) / 1024
+    raw = {
+        "model_float32_mb": weights_mb, "calibration_peak_above_model_mb": peak_mb,
+        "rss_before_mb": before / 1024, "calib_tokens": tokens, "blocks": len(report.blocks),
+        "seconds": seconds,
+    }  # fmt: skip
+    rows = [
+        ("mem", f"SmolLM2 calibrate peak above the loaded model, MB ({tokens} tokens)", peak_mb, "not a ratio"),
+        ("mem", "SmolLM2 float32 weights, MB", weights_mb, "not a ratio"),
+        ("mem", "calibration peak / float32 model", peak_mb / weights_mb, "one block at a time: << 1"),
+    ]  # fmt: skip
+    return raw, rows
+
+
 def gpu_section(quick: bool) -> tuple[dict, list[tuple[str, str, float, str]]]:  # pragma: no cover
     from lowbit.fast.nn.omniquant import OmniQuantLinear
     from lowbit.kernels import omniquant as kernels
@@ -149,6 +199,8 @@ def main(argv: list[str] | None = None) -> None:
     result["cpu_section"], rows = cpu_section(n, args.repeat)
     result["calibration"], cal_rows = calibration_section(args.quick)
     rows += cal_rows
+    result["peak_memory"], mem_rows = peak_memory_section(args.quick)
+    rows += mem_rows
     if torch.cuda.is_available():
         result["gpu_section"], gpu_rows = gpu_section(args.quick)
         rows += gpu_rows

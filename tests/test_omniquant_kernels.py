@@ -119,3 +119,51 @@ def test_native_w4a16_and_activation_kernels(dtype, m):
     xa = torch.randn(m, 1024, device="cuda")
     got = K.quantize_activation(xa, 4).cpu()
     assert torch.equal(got, F.quantize_activation(xa.cpu(), 4))
+
+
+@pytest.mark.interpret
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_cuda_dispatch_glue_under_interpreter(monkeypatch, dtype):
+    """The CUDA branches (OmniQuantLinear -> w4a16_linear, quantize_activation -> its kernel)
+    run on CPU tensors through the interpreter: the activations bit for bit, the layer tier B."""
+    import lowbit.fast.omniquant as fast_oq
+    import lowbit.kernels
+
+    _kernels()
+    mod = _layer(3, 40, 64, 32)
+    x = torch.randn(2, 3, 64).to(dtype)
+    want_y = mod(x)
+    want_a = F.quantize_activation(x, 4)
+    monkeypatch.setattr(lowbit.kernels, "on_triton_device", lambda t: True)
+    monkeypatch.setattr(fast_oq, "on_triton_device", lambda t: True)
+    got_a = F.quantize_activation(x, 4)
+    np.testing.assert_array_equal(got_a.float().numpy(), want_a.float().numpy())
+    with torch.no_grad():
+        got_y = mod(x)
+    assert got_y.shape == want_y.shape and got_y.dtype == dtype
+    X = x.reshape(-1, 64)
+    w = mod.dequantized_weight().double()
+    truth = (X.double() @ w.T + mod.bias.double()).reshape(want_y.shape)
+    naive = (X @ w.to(dtype).T + mod.bias.to(dtype)).double().reshape(want_y.shape)
+    assert not MATMUL.check_with_naive(got_y.double().numpy(), truth.numpy(), naive.numpy()).any()
+    # with autograd the torch path runs (the kernels have no backward)
+    xg = x.float().requires_grad_(True)
+    F.quantize_activation(xg, 4).sum().backward()
+    assert xg.grad is not None
+
+
+@pytest.mark.gpu
+def test_omniquant_linear_forward_is_cuda_graph_capturable():
+    mod = _layer(0, 256, 512, 128).cuda()
+    x = torch.randn(16, 512, device="cuda", dtype=torch.float16)
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        mod(x)  # warm-up (Triton compiles outside the capture)
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = mod(x)
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    torch.testing.assert_close(out, mod(x), rtol=0, atol=0)
