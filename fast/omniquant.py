@@ -577,13 +577,18 @@ def calibrate_linear(
         if let_shift:
             params["shift"] = (x.amax(dim=0) + x.amin(dim=0)) / 2.0
     if lwc:
-        params["gamma"] = torch.full((w.shape[0], n_groups), LWC_INIT, dtype=torch.float64)
-        params["beta"] = torch.full((w.shape[0], n_groups), LWC_INIT, dtype=torch.float64)
+        params["gamma"] = torch.full(
+            (w.shape[0], n_groups), LWC_INIT, dtype=torch.float64, device=x.device
+        )
+        params["beta"] = torch.full(
+            (w.shape[0], n_groups), LWC_INIT, dtype=torch.float64, device=x.device
+        )
     lr = {"scale": let_lr, "shift": let_lr, "gamma": lwc_lr, "beta": lwc_lr}
 
     def loss_fn(p: dict[str, torch.Tensor]) -> torch.Tensor:
-        s = truncate_scale(p["scale"]) if "scale" in p else torch.ones_like(x[0])
-        delta = p.get("shift", torch.zeros_like(x[0]))
+        ones = torch.ones(x.shape[1], dtype=x.dtype, device=x.device)
+        s = truncate_scale(p["scale"]) if "scale" in p else ones
+        delta = p.get("shift", torch.zeros_like(ones))
         xq = quantize_activation((x - delta) / s, abits)
         wq = quantize_weight(w * s, wbits, group_size, p.get("gamma"), p.get("beta"), symmetric)
         return ((xq @ wq.T + bias + w @ delta - y_fp) ** 2).mean()
@@ -625,12 +630,20 @@ def calibrate_mlp(
     if lwc:
         for key, w in zip(("gate", "up", "down"), W):
             shape = (w.shape[0], group_count(w.shape[1], group_size))
-            params[f"gamma_{key}"] = torch.full(shape, LWC_INIT, dtype=torch.float64)
-            params[f"beta_{key}"] = torch.full(shape, LWC_INIT, dtype=torch.float64)
+            params[f"gamma_{key}"] = torch.full(
+                shape, LWC_INIT, dtype=torch.float64, device=x.device
+            )
+            params[f"beta_{key}"] = torch.full(
+                shape, LWC_INIT, dtype=torch.float64, device=x.device
+            )
     lr = {"scale": let_lr, "gamma": lwc_lr, "beta": lwc_lr}
 
     def loss_fn(p: dict[str, torch.Tensor]) -> torch.Tensor:
-        s = truncate_scale(p["scale"]) if "scale" in p else torch.ones_like(x[0])
+        s = (
+            truncate_scale(p["scale"])
+            if "scale" in p
+            else torch.ones(x.shape[1], dtype=x.dtype, device=x.device)
+        )
 
         def wq(key: str, w: torch.Tensor) -> torch.Tensor:
             gamma, beta = p.get(f"gamma_{key}"), p.get(f"beta_{key}")

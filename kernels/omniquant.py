@@ -17,7 +17,8 @@ epilogue adds the bias and casts to X's dtype. Hopper has no INT4 tensor cores; 
 **Per-token activation quantizer** (``quantize_activation``): one program per row; pass 1 takes
 the row's min and max, pass 2 writes (clamp(rint(x / s) + z, 0, 2^b − 1) − z) · s with
 s = clamp((max − min) / (2^b − 1), 1e-5, 1e4), z = rint(clamp(−min / s, −1e4, 1e4)): bit for
-bit ``lowbit.fast.omniquant.quantize_activation``. Divisions are ``div_rn`` (IEEE; Triton's
+bit ``lowbit.fast.omniquant.quantize_activation`` (a row holding NaN comes out all NaN, as
+there; ±Inf saturates the scale at 1e4, as there). Divisions are ``div_rn`` (IEEE; Triton's
 ``/`` may be approximate on GPU) and rint is ``(|v| + 2^23) − 2^23`` with the sign put back,
 which rounds half to even for every float32 (values from 2^23 up are integers already) and
 which the interpreter executes too.
@@ -63,16 +64,19 @@ def _act_quant_kernel(
     x_row = x_ptr + row * stride_xm
     hi = tl.full([BLOCK_K], float("-inf"), tl.float32)
     lo = tl.full([BLOCK_K], float("inf"), tl.float32)
+    nan = tl.zeros([BLOCK_K], tl.int32)  # tl.maximum drops NaN; torch's amax keeps it
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)
         ok = cols < K
         v = tl.load(x_row + cols, mask=ok, other=0.0).to(tl.float32)
         hi = tl.maximum(hi, tl.where(ok, v, float("-inf")))
         lo = tl.minimum(lo, tl.where(ok, v, float("inf")))
+        nan = tl.maximum(nan, (v != v).to(tl.int32))
     x_max = tl.max(hi, axis=0)
     x_min = tl.min(lo, axis=0)
     s = tl.math.div_rn(x_max - x_min, levels)
     s = tl.minimum(tl.maximum(s, 1e-5), 1e4)
+    s = tl.where(tl.max(nan, axis=0) > 0, float("nan"), s)  # a NaN row comes out all NaN
     z = _rint(tl.minimum(tl.maximum(tl.math.div_rn(-x_min, s), -1e4), 1e4))
     for k0 in range(0, K, BLOCK_K):
         cols = k0 + tl.arange(0, BLOCK_K)

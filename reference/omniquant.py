@@ -694,8 +694,13 @@ def calibrate_linear(
     )
 
 
+def _sigmoid_of(u: np.ndarray) -> np.ndarray:
+    with np.errstate(over="ignore"):  # exp(-u) = inf for u < -709 gives the right limit, 0
+        return 1.0 / (1.0 + np.exp(-u))
+
+
 def _silu(u: np.ndarray) -> np.ndarray:
-    return u / (1.0 + np.exp(-u))
+    return u * _sigmoid_of(u)
 
 
 def let_mlp_loss_grad(
@@ -756,7 +761,7 @@ def let_mlp_loss_grad(
     q_gate, q_up, q_down = wq("gate", w_gate_let), wq("up", w_up_let), wq("down", W["down"])
     g = xq @ q_gate.T  # (tokens, ffn)
     u = xq @ q_up.T
-    sig = 1.0 / (1.0 + np.exp(-g))
+    sig = _sigmoid_of(g)
     h = g * sig * u  # silu(G) ⊙ U
     hq = quantize_activation(h, abits)
     y = hq @ q_down.T  # (tokens, d_out)
@@ -820,8 +825,8 @@ def calibrate_mlp(
     name: str = "mlp",
 ) -> MLPCalibration:
     """OmniQuant on one LLaMA MLP sub-block (gate, up, SwiGLU, down), readable end to end:
-    the norm -> gate/up LET scale initialised SmoothQuant-style from X and W_up (the official
-    code takes the first linear of the group), LWC logits at 4.0 on all three weights, then
+    the norm -> gate/up LET scale initialised SmoothQuant-style from X and W_up (as the
+    official code does), LWC logits at 4.0 on all three weights, then
     ``steps`` Adam steps (as ``calibrate_linear``) on the sub-block's output MSE against full
     precision, with the analytic gradients of ``let_mlp_loss_grad``."""
     x = np.asarray(x, dtype=np.float64)

@@ -241,6 +241,8 @@ def test_calibrate_bad_input():
         calibrate(_tiny_llama(), _batches(1), wbits=1, progress=False)
     with pytest.raises(ValueError, match="lwc_lr must be a positive"):
         calibrate(_tiny_llama(), _batches(1), lwc_lr=float("nan"), progress=False)
+    with pytest.raises(ValueError, match=r"blocks are bfloat16: call model.float\(\) first"):
+        calibrate(_tiny_llama(torch.bfloat16), _batches(1), progress=False)
     with pytest.raises(TypeError, match="let must be True or False"):
         calibrate(_tiny_llama(), _batches(1), let=1, progress=False)
 
@@ -362,3 +364,28 @@ def test_report_section_rows(quick):
     assert "aug_loss" in by["W4A4 LWC+LET"].note and "Q/K/V" in by["W4A4 RTN"].note
     if not quick:  # training helps where RTN is worst
         assert by["W3A16 g128 LWC"].quality > by["W3A16 g128 RTN"].quality
+
+
+def test_half_keeps_the_scales_and_train_mode_gives_no_dropout():
+    model = _tiny_bert()
+    model.train()  # dropout on: calibrate must capture in eval mode
+    a = calibrate(copy.deepcopy(model), _batches(2), epochs=1, progress=False)
+    b = calibrate(copy.deepcopy(model), _batches(2), epochs=1, progress=False)
+    assert [blk.losses for blk in a.blocks] == [blk.losses for blk in b.blocks]
+    calibrate(model, _batches(2), epochs=0, lwc=False, progress=False)
+    assert model.training  # the mode is given back
+    q = model.encoder.layer[0].attention.self.query
+    w = q.dequantized_weight()
+    model.half()
+    assert q.weight_scale.dtype == torch.float32 and q.bias.dtype == torch.float16
+    assert torch.equal(q.dequantized_weight(), w)
+
+
+def test_calibrate_refuses_architectures_whose_let_is_not_exact():
+    cfg = transformers.Qwen3Config(
+        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=1,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8,
+    )  # fmt: skip
+    model = transformers.Qwen3ForCausalLM(cfg).eval()
+    with pytest.raises(ValueError, match="model types llama, mistral, qwen2, bert, roberta"):
+        calibrate(model, _batches(1), progress=False)

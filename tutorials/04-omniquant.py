@@ -166,6 +166,17 @@ for name, a, c in (("w", r_w, gw.grad), ("gamma", r_g, gg.grad), ("beta", r_b, g
 # quantized block runs on the already-quantized chain, AdamW trains the LWC logits (and the LET
 # scales), then LET is folded into the weights and every linear becomes a packed
 # `OmniQuantLinear`. Here: all-MiniLM-L6-v2 at W3A16 with groups of 128 inputs, a short run.
+#
+# Only transformations that are exact equivalences are applied (each proven in float64 by the
+# tests, inside the real Hugging Face blocks):
+#
+# * LLaMA (pre-RMSNorm): norm → q/k/v and norm → gate/up; v → o with grouped-query attention
+#   (SmolLM2 has 9 query heads and 3 KV heads: one scale per KV channel, repeated for the query
+#   heads that share it); q/k with one scale per rotary pair $(i, i + d/2)$, so that RoPE
+#   commutes with the scaling.
+# * BERT (post-LayerNorm): v → o (with a shift when activations are quantized; attention rows
+#   sum to 1, so the shift passes through) and q/k. Not norm → linear: the LayerNorm's output is
+#   also the residual stream, which a scaled norm would change.
 
 # %%
 from lowbit.fast.nn.omniquant import OmniQuantLinear, calibrate

@@ -19,7 +19,7 @@ the block-wise ``calibrate`` and the attention-input quantizer.
   runs; softmax outputs stay in full precision.
 
 Which LET transformations are applied (only exact equivalences, proven in float64 by
-tests/test_omniquant.py):
+tests/test_omniquant.py and, inside the real blocks, tests/test_omniquant_model.py):
 
 * LLaMA family (pre-RMSNorm): norm -> q/k/v and norm -> gate/up (scales only: RMSNorm has no
   bias to absorb a shift, and the official code trains no LLaMA shifts), v -> o with
@@ -54,7 +54,7 @@ from lowbit.reference.omniquant import _check_bits, _check_group_size, _diverged
 from torch import nn
 
 __all__ = ["OmniQuantLinear", "BlockReport", "CalibrationReport", "calibrate"]
-__all__ += ["quantize_attention_inputs"]
+__all__ += ["quantize_attention_inputs", "LLAMA_FAMILY", "BERT_FAMILY"]
 
 
 def _pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
@@ -183,6 +183,14 @@ class OmniQuantLinear(QuantizedLinear):
                 mod.bias.copy_(bias.detach())
         return mod
 
+    def _apply(self, fn, recurse=True):
+        # model.half() / .to(bfloat16) would round the float32 scales: they stay float32 (and
+        # the zero points and codes stay integers); only the device follows.
+        scale = self.weight_scale
+        out = super()._apply(fn, recurse)
+        self.weight_scale = scale.to(self.weight_packed.device)
+        return out
+
     def codes(self) -> torch.Tensor:
         """The (out, in) weight codes, unpacked (uint8)."""
         from lowbit.fast import formats
@@ -206,7 +214,7 @@ class OmniQuantLinear(QuantizedLinear):
 
     def _triton_ok(self, X: torch.Tensor) -> bool:
         """Whether the Triton W4A16 kernel computes this forward: CUDA, 4-bit weight-only, a
-        16-bit or float32 input, and groups the kernel can step through (whole groups per row,
+        16-bit input, and groups the kernel can step through (whole groups per row,
         a multiple of 16 long)."""
         from lowbit.kernels import on_triton_device
 
@@ -214,7 +222,7 @@ class OmniQuantLinear(QuantizedLinear):
             return False
         G = self.group_size or self.in_features
         return (
-            X.dtype in (torch.float16, torch.bfloat16, torch.float32)
+            X.dtype in (torch.float16, torch.bfloat16)  # float32: the torch path (cuBLAS)
             and self.in_features % G == 0
             and G % 16 == 0
             and not (torch.is_grad_enabled() and X.requires_grad)  # the kernel has no backward
@@ -387,6 +395,27 @@ def _block_list(model: nn.Module) -> nn.ModuleList:
         f"{type(model).__name__} has no transformer block list (encoder.layer or model.layers): "
         "calibrate supports Hugging Face BERT- and LLaMA-family models"
     )
+
+
+# The model types whose blocks calibrate knows (the LET algebra is exact for them): LLaMA-style
+# pre-RMSNorm decoders with plain x * w norms and full rotary embeddings, and BERT-style encoders.
+# Qwen3 (q/k norms), Gemma (x * (1 + w) norms, sandwich norms) and partial-rotary models are not.
+LLAMA_FAMILY = ("llama", "mistral", "qwen2")
+BERT_FAMILY = ("bert", "roberta")
+
+
+def _check_architecture(config: Any) -> None:
+    model_type = getattr(config, "model_type", None)
+    if model_type not in LLAMA_FAMILY + BERT_FAMILY:
+        raise ValueError(
+            f"calibrate supports the model types {', '.join(LLAMA_FAMILY + BERT_FAMILY)}, got {model_type!r}: "
+            "its LET would not be an exact equivalence"
+        )
+    kinds = set(getattr(config, "layer_types", None) or ())
+    if len(kinds) > 1:
+        raise ValueError(
+            f"calibrate needs one kind of attention layer, {model_type} mixes {', '.join(sorted(kinds))}"
+        )
 
 
 class _Plan:
@@ -668,15 +697,18 @@ def calibrate(
     3. LET is folded into the weights and norms, every linear becomes a packed
        ``OmniQuantLinear``, and the quantized chain moves on through the finished block.
 
-    ``abits < 16`` quantizes every linear's input per token, and Q, K, V inside attention
+    ``abits < 16`` quantizes the input of every linear in the blocks per token (embeddings and
+    the LM head stay in full precision), and Q, K, V inside attention
     (``quantize_attention_inputs``). Which LET transformations each architecture gets is in the
     module docstring. The script settings of the paper: ``lwc`` for weight-only (W2: with
     ``aug_loss`` and 40 epochs), ``lwc`` + ``let`` for W6A6 and W4A4 (W4A4 with ``aug_loss``),
     20 epochs.
 
     Args:
-        model: a Hugging Face BERT- or LLaMA-family model (float32 recommended: the calibration
-            runs in the model's dtype). Changed in place.
+        model: a Hugging Face BERT- or LLaMA-family model in float32: the calibration and
+            the merge run in float32, so the packed weights are exactly the trained ones (the
+            official code trains in fp16 AMP). Changed in place; if calibration stops with an
+            error, the blocks before the failing one are already quantized.
         batches: the calibration data: tokenizer outputs (``model(**batch)``) or input-id tensors
             (``model(ids)``). Padding tokens (``attention_mask == 0``) are left out of the loss.
         wbits: weight bits (2..8).
@@ -708,12 +740,23 @@ def calibrate(
     )  # fmt: skip
     started = time.perf_counter()
     blocks = _block_list(model)
+    dtypes = {p.dtype for p in blocks.parameters()}
+    if dtypes != {torch.float32}:
+        names = ", ".join(sorted(str(d).removeprefix("torch.") for d in dtypes))
+        raise ValueError(
+            f"calibrate runs in float32 and the model's blocks are {names}: call model.float() first"
+        )
     config = model.config
-    calls, masks = _capture(model, blocks[0], batches)
+    _check_architecture(config)
+    was_training = model.training
+    model.eval()  # before the capture: no dropout in the calibration inputs
+    try:
+        calls, masks = _capture(model, blocks[0], batches)
+    except BaseException:
+        model.train(was_training)
+        raise
     if abits < 16:
         quantize_attention_inputs(model, abits)
-    was_training = model.training
-    model.eval()
     frozen = [p for p in model.parameters() if p.requires_grad]
     for p in frozen:
         p.requires_grad_(False)
@@ -725,7 +768,7 @@ def calibrate(
             t0 = time.perf_counter()
             plan = _Plan(block, config, opts)
             stats: dict[str, Any] = {}
-            attention = [m for m in _attention_modules(block)]
+            attention = _attention_modules(block)
             with torch.no_grad(), _qkv_bits(attention, 16):
                 with _input_stats(plan.linears, stats, masks) as state:
                     fp_out = []
@@ -751,7 +794,7 @@ def calibrate(
             optimizer = torch.optim.AdamW(groups, weight_decay=weight_decay) if groups else None
             bar = tqdm(total=steps, desc=f"OmniQuant block {i}", disable=not progress, leave=False)
             step = 0
-            with _activation_quant(plan.linears.values(), abits):
+            with _activation_quant(plan.linears.values(), abits), contextlib.closing(bar):
                 for _epoch in range(epochs if optimizer else 0):
                     total = 0.0
                     for j, call in enumerate(calls):
@@ -778,7 +821,6 @@ def calibrate(
                         bar.update()
                         bar.set_postfix(loss=f"{value:.3g}")
                     report.losses.append(total / len(calls))
-            bar.close()
             report.let = {k: v.detach().clone() for k, v in plan.let.items()}
             report.lwc = {
                 k: (g.detach().clone(), b.detach().clone()) for k, (g, b) in plan.lwc.items()
@@ -850,6 +892,8 @@ def _capture(
         handle.remove()
     if not calls:
         raise ValueError("calibrate needs at least one calibration batch")
+    if all(m is not None and not bool(m.any()) for m in masks):
+        raise ValueError("calibrate: the calibration batches hold no real tokens (all padding)")
     if len(masks) != len(calls):
         raise ValueError("calibrate: a batch did not reach the first transformer block")
     return calls, masks
