@@ -68,6 +68,10 @@ def _name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def _finite(x: torch.Tensor) -> bool:
+    return bool(torch.isfinite(x.amax())) and bool(torch.isfinite(x.amin()))
+
+
 def _working(x: torch.Tensor, name: str = "w") -> torch.Tensor:
     if x.dtype not in _FLOATS:
         raise ValueError(
@@ -77,7 +81,8 @@ def _working(x: torch.Tensor, name: str = "w") -> torch.Tensor:
         raise ValueError(f"{name} must be 2-D (rows, inputs) or more, got shape {tuple(x.shape)}")
     x_w = x.to(torch.float64 if x.dtype == torch.float64 else torch.float32)
     # checked on CPU only: on CUDA the check would sync the device on every call
-    if x_w.device.type == "cpu" and not bool(torch.isfinite(x_w.detach()).all()):
+    # (two reductions, no full-size mask: amax and amin propagate NaN, and Inf shows in them)
+    if x_w.device.type == "cpu" and x_w.numel() and not _finite(x_w.detach()):
         bad = int((~torch.isfinite(x_w)).sum())
         raise ValueError(
             f"{name} has {bad} non-finite values; OmniQuant needs finite input (np.nan_to_num)"
@@ -132,9 +137,13 @@ def _forward(x: torch.Tensor, bits: int, G: int, gamma, beta, symmetric: bool) -
     a, b = _sigmoid(gamma, x), _sigmoid(beta, x)
     n = x.shape[1]
     xg = _grouped(x, G, 0.0)  # (rows, groups, G)
-    real = _grouped(torch.ones_like(x, dtype=torch.bool), G, False)
-    hi = torch.where(real, xg, -torch.inf).amax(-1, keepdim=True)  # (rows, groups, 1)
-    lo = torch.where(real, xg, torch.inf).amin(-1, keepdim=True)
+    real = None  # the mask of real (not padding) elements, only where the last group is short
+    if xg.shape[1] * G != n:
+        real = _grouped(torch.ones_like(x, dtype=torch.bool), G, False)
+        hi = torch.where(real, xg, -torch.inf).amax(-1, keepdim=True)  # (rows, groups, 1)
+        lo = torch.where(real, xg, torch.inf).amin(-1, keepdim=True)
+    else:
+        hi, lo = xg.amax(-1, keepdim=True), xg.amin(-1, keepdim=True)
     if n == 0:
         hi, lo = torch.zeros_like(hi), torch.zeros_like(lo)
     x_max = hi if a is None else a * hi
@@ -149,15 +158,20 @@ def _forward(x: torch.Tensor, bits: int, G: int, gamma, beta, symmetric: bool) -
     s = s_raw.clamp(CLIP_MIN, CLIP_MAX)
     if not symmetric:
         z = torch.round(torch.clamp(-x_min / s, -1e4, 1e4))
-    r = torch.round(xg / s)
-    q = torch.clamp(r + z, 0, levels)
+    r = torch.div(xg, s).round_()
+    q = (r + z).clamp_(0, levels)
     return dict(x=xg, real=real, hi=hi, lo=lo, a=a, b=b, s_raw=s_raw, s=s, z=z, r=r, q=q,
                 levels=levels, symmetric=symmetric, bits=bits, n=n)  # fmt: skip
 
 
 def _values(f: dict[str, Any]) -> torch.Tensor:
-    v = (f["q"] - f["z"]) * f["s"]
+    v = (f["q"] - f["z"]).mul_(f["s"])
     return v.reshape(v.shape[0], -1)[:, : f["n"]]
+
+
+def _masked(real: torch.Tensor | None, t: torch.Tensor) -> torch.Tensor:
+    """``real & t`` (t where no element is padding)."""
+    return t if real is None else real & t
 
 
 def _backward(f: dict[str, Any], grad: torch.Tensor):
@@ -165,10 +179,12 @@ def _backward(f: dict[str, Any], grad: torch.Tensor):
     ``quantize_weight_grad`` formulas."""
     real, s, z, r, q, levels = f["real"], f["s"], f["z"], f["r"], f["q"], f["levels"]
     gy = _grouped(grad.to(s.dtype), f["x"].shape[-1], 0.0)
-    inside = real & (r + z >= 0) & (r + z <= levels)
+    inside = _masked(real, q == r + z)  # not clipped: the clamp left r + z as it was
     grad_x = torch.where(inside, gy, 0.0)
-    dxhat_ds = (q - z) - torch.where(inside, f["x"] / s, 0.0)
-    grad_s = torch.where(real, gy * dxhat_ds, 0.0).sum(-1, keepdim=True)
+    # ∂x̂/∂s = (q - z) - [inside] · x / s (STE), then times the incoming gradient, in place
+    dxhat_ds = (q - z).sub_(torch.where(inside, f["x"] / s, 0.0))
+    gs = dxhat_ds.mul_(gy)
+    grad_s = (gs if real is None else gs.masked_fill_(~real, 0.0)).sum(-1, keepdim=True)
     s_raw = f["s_raw"]
     grad_s_raw = torch.where((s_raw >= CLIP_MIN) & (s_raw <= CLIP_MAX), grad_s, 0.0)
     a = 1.0 if f["a"] is None else f["a"]
@@ -187,10 +203,11 @@ def _backward(f: dict[str, Any], grad: torch.Tensor):
         grad_x_min = -grad_s_raw / levels
     grad_gamma = None if f["a"] is None else (grad_x_max * hi * a * (1 - a))[..., 0]
     grad_beta = None if f["b"] is None else (grad_x_min * lo * b * (1 - b))[..., 0]
-    is_hi = real & (f["x"] == hi)
-    is_lo = real & (f["x"] == lo)
-    grad_x = grad_x + is_hi * (grad_x_max * a) / is_hi.sum(-1, keepdim=True).clamp_min(1)
-    grad_x = grad_x + is_lo * (grad_x_min * b) / is_lo.sum(-1, keepdim=True).clamp_min(1)
+    is_hi = _masked(real, f["x"] == hi)
+    is_lo = _masked(real, f["x"] == lo)
+    for tied, grad_bound in ((is_hi, grad_x_max * a), (is_lo, grad_x_min * b)):
+        count = tied.sum(-1, keepdim=True, dtype=torch.float32).clamp_min(1)
+        grad_x.add_(torch.where(tied, grad_bound / count, 0.0))
     grad_x = grad_x.reshape(grad_x.shape[0], -1)[:, : f["n"]]
     return grad_x, grad_gamma, grad_beta
 
@@ -253,7 +270,8 @@ def encode_weight(
     x, bits, G, g, bt, symmetric, lead = _prepare(w, bits, group_size, gamma, beta, symmetric)
     with torch.no_grad():
         f = _forward(x, bits, G, g, bt, symmetric)
-    codes = torch.where(f["real"], f["q"], 0.0).reshape(x.shape[0], -1)[:, : x.shape[1]]
+    q = f["q"] if f["real"] is None else torch.where(f["real"], f["q"], 0.0)
+    codes = q.reshape(x.shape[0], -1)[:, : x.shape[1]]
     dtype = torch.uint8 if bits <= 8 else torch.int32
     return (
         codes.to(dtype).reshape(*lead, x.shape[1]),

@@ -203,19 +203,10 @@ class OmniQuantLinear(QuantizedLinear):
             self.codes(), self.weight_scale, self.weight_zero.to(torch.int32), self.group_size
         )
 
-    def _cached_weight(self) -> torch.Tensor:
-        """dequantized_weight(), recomputed only when the buffers change (load, copy_, .to())."""
-        bufs = (self.weight_packed, self.weight_scale, self.weight_zero)
-        key = tuple((t.data_ptr(), t._version) for t in bufs)
-        if getattr(self, "_weight_key", None) != key:
-            self._weight_cache = self.dequantized_weight()
-            self._weight_key = key
-        return self._weight_cache
-
     def _triton_ok(self, X: torch.Tensor) -> bool:
         """Whether the Triton W4A16 kernel computes this forward: CUDA, 4-bit weight-only, a
-        16-bit input, and groups the kernel can step through (whole groups per row,
-        a multiple of 16 long)."""
+        16-bit input, and groups the kernel can step through (whole groups per row, a multiple
+        of 16 long)."""
         from lowbit.kernels import on_triton_device
 
         if not (self.bits == 4 and self.act_bits >= 16 and on_triton_device(X) and X.shape[0]):
@@ -267,7 +258,8 @@ class OmniQuantLinear(QuantizedLinear):
         Xq = oq.quantize_activation(X.to(work), self.act_bits) if X.shape[0] else X.to(work)
         Y = nn.functional.linear(
             Xq,
-            self._cached_weight().to(work),
+            # dequantized per call, not cached: a float32 copy per layer would undo the packing
+            self.dequantized_weight().to(work),
             None if self.bias is None else self.bias.to(work),
         )
         return Y.to(x.dtype).reshape(*x.shape[:-1], self.out_features)
@@ -757,9 +749,9 @@ def calibrate(
         raise
     if abits < 16:
         quantize_attention_inputs(model, abits)
-    frozen = [p for p in model.parameters() if p.requires_grad]
-    for p in frozen:
-        p.requires_grad_(False)
+    # by name: holding the parameters themselves would keep every replaced weight alive
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    model.requires_grad_(False)
     fp_inps = [_output_of(c) for c in calls]
     q_inps = list(fp_inps)
     reports = []
@@ -835,8 +827,8 @@ def calibrate(
             report.seconds = time.perf_counter() - t0
             reports.append(report)
     finally:
-        for p in frozen:
-            p.requires_grad_(True)
+        for name, p in model.named_parameters():
+            p.requires_grad_(name in trainable)
         model.train(was_training)
     return CalibrationReport(reports, opts, time.perf_counter() - started)
 

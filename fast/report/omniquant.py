@@ -68,8 +68,9 @@ def omniquant_rows(ctx: ReportContext) -> list[Row]:
     fp_linears = ctx.linears()
     names = list(fp_linears)
     inputs = ctx.calib_inputs()
+    passages = min(settings["passages"], len(ctx.calib_texts))
     train_note = (
-        f"{settings['passages']} passages, {settings['epochs']} epochs of "
+        f"{passages} passages, {settings['epochs']} epochs of "
         f"{len(batches)} steps (paper: 128 x 20), lwc_lr {settings['lwc_lr']} (code 1e-2)"
     )
     rows: list[Row] = []
