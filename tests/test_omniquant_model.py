@@ -11,6 +11,7 @@ import pytest
 import torch
 from lowbit.fast import omniquant as F
 from lowbit.fast.convert import load_quantized, save_quantized
+from lowbit.fast.models import block_output, capture_block_inputs, transformer_blocks
 from lowbit.fast.nn import omniquant as noq
 from lowbit.fast.nn.omniquant import OmniQuantLinear, calibrate, quantize_attention_inputs
 from torch import nn
@@ -47,6 +48,12 @@ def _batches(n=3, length=9, pad=True):
             mask[1, length - 3 :] = 0  # a padded second sequence
         out.append({"input_ids": ids, "attention_mask": mask})
     return out
+
+
+def _calls(model, block, batches):
+    """The calls reaching ``block`` (no KV cache: the same call may run twice)."""
+    no_cache = {"use_cache": False} if "use_cache" in model.config.to_dict() else {}
+    return capture_block_inputs(model, block, batches, **no_cache).calls
 
 
 def _hidden(model, batch):
@@ -109,7 +116,7 @@ def test_omniquant_linear_config_and_safetensors_round_trip(tmp_path):
 
 def _perturbed_plan(model, opts):
     """A _Plan for block 0 with random LET parameters (far from 1: a real test)."""
-    block = noq._block_list(model)[0]
+    block = transformer_blocks(model)[0]
     plan = noq._Plan(block, model.config, opts)
     g = torch.Generator().manual_seed(3)
 
@@ -141,17 +148,16 @@ def test_let_in_the_block_is_an_exact_equivalence(make):
         epochs=0, lwc_lr=1e-2, let_lr=5e-3, aug_loss=False,
     )  # fmt: skip
     block, plan = _perturbed_plan(model, opts)
-    calls, _ = noq._capture(model, block, _batches(1))
-    args, kwargs = calls[0]
+    args, kwargs = _calls(model, block, _batches(1))[0]
     with torch.no_grad():
-        want = noq._output(block(*args, **kwargs))
+        want = block_output(block(*args, **kwargs))
         norms, W, B = plan.transformed()
         params = dict(norms)
         for key, path in plan.names.items():
             params[f"{path}.weight"] = W[key]
             if B[key] is not None:
                 params[f"{path}.bias"] = B[key]
-        got = noq._output(torch.func.functional_call(block, params, args, kwargs))
+        got = block_output(torch.func.functional_call(block, params, args, kwargs))
         changed = max(float((W[k] - plan.linears[k].weight).abs().max()) for k in W)
     assert changed > 0.1  # the weights really moved
     rel = float((got - want).abs().max() / want.abs().max())
@@ -194,16 +200,16 @@ def test_calibrated_block_computes_the_training_forward(make, opts):
     first = report.blocks[0]
     assert first.losses[-1] < first.losses[0]
     settings = report.settings
-    block, trained = noq._block_list(original)[0], noq._block_list(model)[0]
+    block, trained = transformer_blocks(original)[0], transformer_blocks(model)[0]
     plan = noq._Plan(block, original.config, settings)
     plan.let, plan.lwc = first.let, first.lwc
-    calls, _ = noq._capture(original, block, batches)
+    calls = _calls(original, block, batches)
     if settings["abits"] < 16:
         quantize_attention_inputs(original, settings["abits"])
     with torch.no_grad(), noq._activation_quant(plan.linears.values(), settings["abits"]):
         for args, kwargs in calls:
-            want = noq._output(torch.func.functional_call(block, plan.overrides(), args, kwargs))
-            got = noq._output(trained(*args, **kwargs))
+            want = block_output(torch.func.functional_call(block, plan.overrides(), args, kwargs))
+            got = block_output(trained(*args, **kwargs))
             assert torch.equal(got, want)
 
 

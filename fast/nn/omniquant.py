@@ -48,6 +48,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+from lowbit.fast import formats
+from lowbit.fast import models as real_models
 from lowbit.fast import omniquant as oq
 from lowbit.fast.nn import QuantizedLinear, register_module
 from lowbit.reference.omniquant import _check_bits, _check_group_size, _diverged
@@ -55,12 +57,6 @@ from torch import nn
 
 __all__ = ["OmniQuantLinear", "BlockReport", "CalibrationReport", "calibrate"]
 __all__ += ["quantize_attention_inputs", "LLAMA_FAMILY", "BERT_FAMILY"]
-
-
-def _pack_rows(codes: torch.Tensor, bits: int) -> torch.Tensor:
-    from lowbit.fast import formats
-
-    return formats.pack(codes, bits)
 
 
 @register_module
@@ -101,7 +97,8 @@ class OmniQuantLinear(QuantizedLinear):
         _check_group_size(group_size, in_features)
         self.group_size = None if group_size is None else int(group_size)
         groups = oq.group_count(in_features, group_size)
-        row_bytes = _pack_rows(torch.zeros(1, in_features, dtype=torch.uint8), self.bits).shape[1]
+        per_group, group_bytes = formats._group(self.bits)  # formats.pack: whole groups of codes
+        row_bytes = -(-in_features // per_group) * group_bytes
         self.register_buffer(
             "weight_packed",
             torch.zeros(out_features, row_bytes, dtype=torch.uint8, device=device),
@@ -175,7 +172,7 @@ class OmniQuantLinear(QuantizedLinear):
                 None if beta is None else beta.detach().float(),
                 symmetric,
             )
-            mod.weight_packed.copy_(_pack_rows(codes, mod.bits))
+            mod.weight_packed.copy_(formats.pack(codes, mod.bits))
             mod.weight_scale.copy_(scale)
             mod.weight_zero.copy_(zero.to(torch.int16))  # |z| <= 1e4 (the official clamp)
             if bias is not None:
@@ -193,8 +190,6 @@ class OmniQuantLinear(QuantizedLinear):
 
     def codes(self) -> torch.Tensor:
         """The (out, in) weight codes, unpacked (uint8)."""
-        from lowbit.fast import formats
-
         return formats.unpack(self.weight_packed, self.bits, self.in_features)
 
     def dequantized_weight(self) -> torch.Tensor:
@@ -371,22 +366,6 @@ class CalibrationReport:
     blocks: list[BlockReport]
     settings: dict[str, Any]
     seconds: float = 0.0
-
-
-class _Stop(Exception):
-    """Raised by the capture hook: nothing after block 0 needs to run."""
-
-
-def _block_list(model: nn.Module) -> nn.ModuleList:
-    for path in ("encoder.layer", "model.layers", "layers", "bert.encoder.layer"):
-        with contextlib.suppress(AttributeError):
-            found = model.get_submodule(path)
-            if isinstance(found, nn.ModuleList) and len(found):
-                return found
-    raise ValueError(
-        f"{type(model).__name__} has no transformer block list (encoder.layer or model.layers): "
-        "calibrate supports Hugging Face BERT- and LLaMA-family models"
-    )
 
 
 # The model types whose blocks calibrate knows (the LET algebra is exact for them): LLaMA-style
@@ -571,17 +550,6 @@ class _Plan:
             setattr(self.block.get_submodule(parent), child, module)
 
 
-def _output(out: Any) -> torch.Tensor:
-    return out[0] if isinstance(out, tuple) else out
-
-
-def _with_hidden(call: tuple[tuple, dict], h: torch.Tensor) -> tuple[tuple, dict]:
-    args, kwargs = call
-    if args:
-        return (h, *args[1:]), kwargs
-    return args, {**kwargs, "hidden_states": h}
-
-
 def _masked_mse(y: torch.Tensor, target: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     """Mean squared error over the real tokens (all tokens without a mask)."""
     if mask is None:
@@ -731,31 +699,31 @@ def calibrate(
         alpha=alpha, epochs=epochs, lwc_lr=lwc_lr, let_lr=let_lr, aug_loss=aug_loss,
     )  # fmt: skip
     started = time.perf_counter()
-    blocks = _block_list(model)
+    blocks = real_models.transformer_blocks(model)
     dtypes = {p.dtype for p in blocks.parameters()}
     if dtypes != {torch.float32}:
         names = ", ".join(sorted(str(d).removeprefix("torch.") for d in dtypes))
         raise ValueError(
             f"calibrate runs in float32 and the model's blocks are {names}: call model.float() first"
         )
-    config = model.config
+    config: Any = model.config
     _check_architecture(config)
+    batches = list(batches)
+    masks = _token_masks(batches)
     was_training = model.training
-    model.eval()  # before the capture: no dropout in the calibration inputs
-    try:
-        calls, masks = _capture(model, blocks[0], batches)
-    except BaseException:
-        model.train(was_training)
-        raise
-    if abits < 16:
-        quantize_attention_inputs(model, abits)
     # by name: holding the parameters themselves would keep every replaced weight alive
     trainable = {name for name, p in model.named_parameters() if p.requires_grad}
-    model.requires_grad_(False)
-    fp_inps = [_output_of(c) for c in calls]
-    q_inps = list(fp_inps)
     reports = []
     try:
+        model.eval()  # before the capture: no dropout in the calibration inputs
+        model.requires_grad_(False)
+        no_cache = {"use_cache": False} if "use_cache" in config.to_dict() else {}
+        fp_in = real_models.capture_block_inputs(model, blocks[0], batches, **no_cache)
+        if len(fp_in.calls) != len(batches):
+            raise ValueError("calibrate: a batch did not reach the first transformer block")
+        if abits < 16:
+            quantize_attention_inputs(model, abits)
+        q_in = fp_in  # the two streams: full-precision chain and quantized chain
         for i, block in enumerate(blocks):
             t0 = time.perf_counter()
             plan = _Plan(block, config, opts)
@@ -764,16 +732,10 @@ def calibrate(
             with torch.no_grad(), _qkv_bits(attention, 16):
                 with _input_stats(plan.linears, stats, masks) as state:
                     fp_out = []
-                    for j, call in enumerate(calls):
-                        state["j"] = j
-                        args, kwargs = _with_hidden(call, fp_inps[j])
-                        fp_out.append(_output(block(*args, **kwargs)))
-                fp_out2 = None
-                if aug_loss:
-                    fp_out2 = [
-                        _output(block(*a, **k))
-                        for a, k in (_with_hidden(c, h) for c, h in zip(calls, q_inps))
-                    ]
+                    for j, (args, kwargs) in enumerate(fp_in.calls):
+                        state["j"] = j  # which batch's token mask the statistics use
+                        fp_out.append(real_models.block_output(block(*args, **kwargs)))
+                fp_out2 = q_in.run(block) if aug_loss else None
             plan.init(stats)
             report = BlockReport(i, plan.kind)
             let_params, lwc_params = plan.parameters()
@@ -782,17 +744,16 @@ def calibrate(
                 for ps, lr in ((let_params, let_lr), (lwc_params, lwc_lr))
                 if ps
             ]
-            steps = epochs * len(calls) if groups else 0
+            steps = epochs * len(batches) if groups else 0
             optimizer = torch.optim.AdamW(groups, weight_decay=weight_decay) if groups else None
             bar = tqdm(total=steps, desc=f"OmniQuant block {i}", disable=not progress, leave=False)
             step = 0
             with _activation_quant(plan.linears.values(), abits), contextlib.closing(bar):
                 for _epoch in range(epochs if optimizer else 0):
                     total = 0.0
-                    for j, call in enumerate(calls):
+                    for j, (args, kwargs) in enumerate(q_in.calls):
                         step += 1
-                        args, kwargs = _with_hidden(call, q_inps[j])
-                        y = _output(
+                        y = real_models.block_output(
                             torch.func.functional_call(block, plan.overrides(), args, kwargs)
                         )
                         loss = _masked_mse(y, fp_out[j], masks[j])
@@ -812,18 +773,14 @@ def calibrate(
                         total += value
                         bar.update()
                         bar.set_postfix(loss=f"{value:.3g}")
-                    report.losses.append(total / len(calls))
+                    report.losses.append(total / len(batches))
             report.let = {k: v.detach().clone() for k, v in plan.let.items()}
             report.lwc = {
                 k: (g.detach().clone(), b.detach().clone()) for k, (g, b) in plan.lwc.items()
             }
             plan.finish()
-            with torch.no_grad():
-                q_inps = [
-                    _output(block(*a, **k))
-                    for a, k in (_with_hidden(c, h) for c, h in zip(calls, q_inps))
-                ]
-            fp_inps = fp_out
+            q_in = q_in.with_hidden_states(q_in.run(block))
+            fp_in = fp_in.with_hidden_states(fp_out)
             report.seconds = time.perf_counter() - t0
             reports.append(report)
     finally:
@@ -846,46 +803,22 @@ def _qkv_bits(modules: list[Any], bits: int):
             m.lowbit_qkv_bits = b
 
 
-def _output_of(call: tuple[tuple, dict]) -> torch.Tensor:
-    args, kwargs = call
-    return args[0] if args else kwargs["hidden_states"]
-
-
-@torch.no_grad()
-def _capture(
-    model: nn.Module, first: nn.Module, batches: Iterable[Mapping[str, torch.Tensor] | torch.Tensor]
-) -> tuple[list[tuple[tuple, dict]], list[torch.Tensor | None]]:
-    """Run ``model`` up to its first block on each batch: the block's calls and token masks."""
-    calls: list[tuple[tuple, dict]] = []
-    masks: list[torch.Tensor | None] = []
-
-    def catch(_module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-        calls.append((tuple(args), dict(kwargs)))
-        raise _Stop
-
-    config: Any = model.config
-    extra = {"use_cache": False} if "use_cache" in config.to_dict() else {}
-    handle = first.register_forward_pre_hook(catch, with_kwargs=True)
-    try:
-        for batch in batches:
-            with contextlib.suppress(_Stop):
-                if isinstance(batch, torch.Tensor):
-                    masks.append(None)
-                    model(batch, **extra)
-                elif isinstance(batch, Mapping):
-                    mask = batch.get("attention_mask")
-                    masks.append(None if mask is None else mask.bool())
-                    model(**batch, **extra)
-                else:
-                    raise TypeError(
-                        f"calibrate: each batch must be a tokenizer output (dict) or an input-id tensor, got {type(batch).__name__}"
-                    )
-    finally:
-        handle.remove()
-    if not calls:
+def _token_masks(batches: list) -> list[torch.Tensor | None]:
+    """Each batch's real-token mask (None for bare input ids), with the errors for no batches,
+    wrong batch types and batches of padding only."""
+    if not batches:
         raise ValueError("calibrate needs at least one calibration batch")
+    masks: list[torch.Tensor | None] = []
+    for batch in batches:
+        if isinstance(batch, torch.Tensor):
+            masks.append(None)
+        elif isinstance(batch, Mapping):
+            mask = batch.get("attention_mask")
+            masks.append(None if mask is None else mask.bool())
+        else:
+            raise TypeError(
+                f"calibrate: each batch must be a tokenizer output (dict) or an input-id tensor, got {type(batch).__name__}"
+            )
     if all(m is not None and not bool(m.any()) for m in masks):
         raise ValueError("calibrate: the calibration batches hold no real tokens (all padding)")
-    if len(masks) != len(calls):
-        raise ValueError("calibrate: a batch did not reach the first transformer block")
-    return calls, masks
+    return masks

@@ -27,12 +27,12 @@ import copy
 import itertools
 import os
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass, field
 from typing import Any, Protocol, runtime_checkable
 
 import torch
 from lowbit.fast import data as text_data
 from lowbit.fast import models as real_models
+from lowbit.fast.models import BlockInputs
 from torch import nn
 
 __all__ = [
@@ -59,40 +59,6 @@ DEFAULT_SIZES: dict[str, tuple[int, int]] = {
 QUICK_SIZES: tuple[int, int] = (4, 8)  # --quick: a smoke test of every section
 
 
-@dataclass
-class BlockInputs:
-    """The calls that reached one transformer block: one ``(args, kwargs)`` per calibration batch.
-
-    ``run(block)`` calls the block on each and returns its outputs (the first element where the
-    block returns a tuple), which are the hidden states entering the next block.
-    """
-
-    calls: list[tuple[tuple, dict[str, Any]]] = field(default_factory=list)
-
-    @property
-    def hidden_states(self) -> list[torch.Tensor]:
-        """The hidden states ``(batch, tokens, d)`` of each call (the block's first argument)."""
-        return [args[0] if args else kwargs["hidden_states"] for args, kwargs in self.calls]
-
-    @torch.no_grad()
-    def run(self, block: nn.Module) -> list[torch.Tensor]:
-        outputs = []
-        for args, kwargs in self.calls:
-            out = block(*args, **kwargs)
-            outputs.append(out[0] if isinstance(out, tuple) else out)
-        return outputs
-
-    def with_hidden_states(self, hidden: Sequence[torch.Tensor]) -> BlockInputs:
-        """The same calls with their hidden states replaced (the next block's inputs)."""
-        calls = []
-        for (args, kwargs), h in zip(self.calls, hidden):
-            if args:
-                calls.append(((h, *args[1:]), kwargs))
-            else:
-                calls.append((args, {**kwargs, "hidden_states": h}))
-        return BlockInputs(calls)
-
-
 @runtime_checkable
 class ReportContext(Protocol):
     """What a report section may use (``Context`` implements it; tests may pass a stand-in)."""
@@ -116,10 +82,6 @@ class ReportContext(Protocol):
     def calib_batches(self, batch_size: int | None = None, passages: int | None = None) -> list: ...
 
     def evaluate(self, model: nn.Module) -> float: ...
-
-
-class _StopForward(Exception):
-    """Raised by the capture hook on block 0: the rest of the forward pass is not needed."""
 
 
 class Context:
@@ -183,16 +145,7 @@ class Context:
 
     def blocks(self, model: nn.Module | None = None) -> nn.ModuleList:
         """The transformer blocks of ``model`` in order (BERT ``encoder.layer``, LLaMA ``model.layers``)."""
-        model = self.model if model is None else model
-        for path in ("encoder.layer", "model.layers", "layers", "transformer.h"):
-            with contextlib.suppress(AttributeError):
-                found = model.get_submodule(path)
-                if isinstance(found, nn.ModuleList):
-                    return found
-        raise ValueError(
-            f"{type(model).__name__} has no block list (encoder.layer, model.layers, layers or "
-            "transformer.h); block-by-block calibration needs one"
-        )
+        return real_models.transformer_blocks(self.model if model is None else model)
 
     # -- calibration data -----------------------------------------------------------------
     def _batches(self, texts: Sequence[str]):
@@ -283,21 +236,10 @@ class Context:
         texts are used whole, in batches of ``batch_size``.
         """
         blocks = self.blocks(model)
-        calls: list[tuple[tuple, dict[str, Any]]] = []
-
-        def catch(_module: nn.Module, args: tuple, kwargs: dict[str, Any]) -> None:
-            calls.append((tuple(args), dict(kwargs)))
-            raise _StopForward
-
-        handle = blocks[0].register_forward_pre_hook(catch, with_kwargs=True)
-        try:
-            no_cache = {} if self.model_name == "minilm" else {"use_cache": False}
-            for batch in self._batches(self.calib_texts):
-                with contextlib.suppress(_StopForward):
-                    model(**batch, **no_cache)
-        finally:
-            handle.remove()
-        inputs = BlockInputs(calls)
+        no_cache = {} if self.model_name == "minilm" else {"use_cache": False}
+        inputs = real_models.capture_block_inputs(
+            model, blocks[0], self._batches(self.calib_texts), **no_cache
+        )
         for i, block in enumerate(self._bar(blocks, "block-by-block calibration")):
             yield i, block, inputs
             if i + 1 < len(blocks):
