@@ -23,7 +23,12 @@ ROOT = Path(__file__).resolve().parents[1]
 
 # Re-exported reference helpers that take and return no arrays (format names and lists): the
 # fast module offers them under the same name so that code can import everything from one side.
-SHARED_HELPERS = {"formats.parse_format", "fpq.default_formats", "omniquant.group_count"}
+SHARED_HELPERS = {
+    "formats.parse_format",
+    "fpq.default_formats",
+    "omniquant.group_count",
+    "hadamard.block_sizes",
+}
 
 
 def _fast_modules():
