@@ -64,7 +64,7 @@ def register(pair: Pair) -> Pair:
 
 
 # One line per method: the files whose import registers that method's pairs.
-METHODS = ("formats", "uniform", "llm_int8", "fpq", "omniquant", "hadamard")
+METHODS = ("formats", "uniform", "llm_int8", "fpq", "omniquant", "hadamard", "int4_training")
 
 for _method in METHODS:
     importlib.import_module(f"tests.pairs.{_method}")
