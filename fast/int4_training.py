@@ -28,6 +28,7 @@ from lowbit.reference.int4_training import (
     _GOLDEN,
     _M1,
     _M2,
+    _RESIDUALS,
     _ROUNDINGS,
     _STREAM_INPUT,
     _STREAM_RESIDUAL,
@@ -297,7 +298,7 @@ def hq_linear(
 # ---- bit splitting ------------------------------------------------------------------------------
 
 
-def _bit_split(g_w: torch.Tensor, bits: int, clip: str, seed: int):
+def _bit_split(g_w: torch.Tensor, bits: int, clip: str, seed: int, residual: str = "stochastic"):
     """``bit_split`` on a working-precision gradient, without checks (the layer's backward)."""
     Qn, Qp = _levels(bits)
     nb, cl = _split_bins(bits)
@@ -311,21 +312,30 @@ def _bit_split(g_w: torch.Tensor, bits: int, clip: str, seed: int):
     t = g_w * sigma
     F = torch.round(t / _const(nb, g_w)).clamp_(low, high)
     r = t - _const(nb, g_w) * F
-    u = _uniforms(r.numel(), seed, _STREAM_RESIDUAL, r.device).reshape(r.shape).to(r.dtype)
-    r_floor = torch.floor(r)
-    S = (r_floor + (u < r - r_floor).to(r.dtype)).clamp_(low, high)
+    if residual == "nearest":
+        S = torch.round(r).clamp_(low, high)
+    else:
+        u = _uniforms(r.numel(), seed, _STREAM_RESIDUAL, r.device).reshape(r.shape).to(r.dtype)
+        r_floor = torch.floor(r)
+        S = (r_floor + (u < r - r_floor).to(r.dtype)).clamp_(low, high)
     return F.to(torch.int8), S.to(torch.int8), sigma
 
 
 @takes_tensors
 def bit_split(
-    g: torch.Tensor, bits: int = 4, *, clip: str = "code", seed: int = 0
+    g: torch.Tensor,
+    bits: int = 4,
+    *,
+    clip: str = "code",
+    seed: int = 0,
+    residual: str = "stochastic",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Split a gradient into two INT4 code matrices, g ≈ (nb F + S) / sigma: (F, S, sigma)."""
     _levels(bits)
     _check_choice(clip, "clip", _CLIPS)
+    _check_choice(residual, "residual", _RESIDUALS)
     seed = _check_seed(seed)
-    return _bit_split(_working(g, "g"), bits, clip, seed)
+    return _bit_split(_working(g, "g"), bits, clip, seed, residual)
 
 
 @takes_tensors
@@ -492,7 +502,7 @@ def lss_grad_input(
     return _grad_input(F, S, sig, q_w, s_w, nb, sampling, _check_seed(seed))
 
 
-def _backward_parts(g_w, x_h, w_h, s_x, s_w, bits, sampling, clip, seed, rounding):
+def _backward_parts(g_w, x_h, w_h, s_x, s_w, bits, sampling, clip, seed, rounding, residual):
     """The layer's backward on working-precision tensors already in the Hadamard domain:
     (grad X~, grad W~, grad s_x, grad s_w). Shared by ``int4_linear_backward`` and
     ``Int4Linear``'s autograd Function (which skips the argument checks)."""
@@ -500,7 +510,7 @@ def _backward_parts(g_w, x_h, w_h, s_x, s_w, bits, sampling, clip, seed, roundin
     v_x, v_w = x_h / s_x, w_h / s_w
     q_x = _round(v_x, rounding).clamp_(-Qn, Qp).to(torch.int8)
     q_w = _round(v_w, rounding).clamp_(-Qn, Qp).to(torch.int8)
-    F, S, sigma = _bit_split(g_w, bits, clip, seed)
+    F, S, sigma = _bit_split(g_w, bits, clip, seed, residual)
     nb, _ = _split_bins(bits)
     grad_x_h = _grad_input(F, S, sigma, q_w, s_w, nb, sampling, seed)
     grad_w_h = _grad_weight(F, S, sigma, q_x, s_x, nb, sampling, seed)
@@ -523,11 +533,13 @@ def int4_linear_backward(
     clip: str = "code",
     seed: int = 0,
     rounding: str = "half_away",
+    residual: str = "stochastic",
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     """The whole backward of ``hq_linear``: (grad_x, grad_w, grad_step_x, grad_step_w)."""
     _levels(bits)
     _check_choice(rounding, "rounding", _ROUNDINGS)
     _check_choice(clip, "clip", _CLIPS)
+    _check_choice(residual, "residual", _RESIDUALS)
     seed = _check_seed(seed)
     x_w = _rows(_working(x, "x"))
     w_w = _working(w, "w").to(x_w.dtype)
@@ -540,7 +552,7 @@ def int4_linear_backward(
     s_x, s_w = _step(step_x, x_w, "step_x"), _step(step_w, x_w, "step_w")
     x_h, w_h = block_hadamard(x_w, block), block_hadamard(w_w, block)
     grad_x_h, grad_w_h, grad_s_x, grad_s_w = _backward_parts(
-        g, x_h, w_h, s_x, s_w, bits, sampling, clip, seed, rounding
+        g, x_h, w_h, s_x, s_w, bits, sampling, clip, seed, rounding, residual
     )
     grad_x = block_hadamard(grad_x_h, block).reshape(x.shape).to(x.dtype)
     grad_w = block_hadamard(grad_w_h, block).to(w.dtype)

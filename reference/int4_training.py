@@ -83,6 +83,7 @@ STEP_EPS = 1e-10  # added to the initial step size (the official code's zero gua
 GRAD_EPS = 1e-8  # the official margin on min/max of the gradient before sigma
 _ROUNDINGS = ("half_even", "half_away")
 _CLIPS = ("code", "full")
+_RESIDUALS = ("stochastic", "nearest")
 _FLOAT_NAMES = ("float16", "bfloat16", "float32", "float64")
 _STREAM_RESIDUAL, _STREAM_WEIGHT, _STREAM_INPUT = 0, 1, 2
 
@@ -345,7 +346,12 @@ def _split_bins(bits: int) -> tuple[int, int]:
 
 
 def bit_split(
-    g: np.ndarray, bits: int = 4, *, clip: str = "code", seed: int = 0
+    g: np.ndarray,
+    bits: int = 4,
+    *,
+    clip: str = "code",
+    seed: int = 0,
+    residual: str = "stochastic",
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Split a gradient into two INT4 code matrices: g ≈ (nb F + S) / sigma.
 
@@ -360,12 +366,16 @@ def bit_split(
         clip: ``"code"``, the released kernels' clamp to ±(nb/2 - 1) = ±6 (biased for the largest
             |g|); ``"full"``, the code range [-2^(b-1), 2^(b-1) - 1] (never reached: unbiased).
         seed: seeds the residual's stochastic rounding (stream 0).
+        residual: ``"stochastic"`` (the paper: unbiased) or ``"nearest"`` (round half to even:
+            deterministic and biased, for reproducibility checks such as DDP against one
+            process).
 
     Returns:
         (F, S, sigma): F and S int8 of g's shape, sigma a 0-d array in the working precision.
     """
     Qn, Qp = _levels(bits)
     _check_choice(clip, "clip", _CLIPS)
+    _check_choice(residual, "residual", _RESIDUALS)
     seed = _check_seed(seed)
     g_w = _working(g, "g")
     work = g_w.dtype.type
@@ -379,9 +389,12 @@ def bit_split(
     t = g_w * sigma  # in [-nb^2/2, nb^2/2]
     F = np.clip(np.rint(t / work(nb)), low, high)  # the high part, round half to even
     r = t - work(nb) * F  # the residual, in [-nb/2, nb/2]
-    u = _uniforms(r.size, seed, _STREAM_RESIDUAL).reshape(r.shape).astype(work)
-    r_floor = np.floor(r)
-    S = np.clip(r_floor + (u < r - r_floor), low, high)  # stochastic rounding, E[S] = r
+    if residual == "nearest":
+        S = np.clip(np.rint(r), low, high)
+    else:
+        u = _uniforms(r.size, seed, _STREAM_RESIDUAL).reshape(r.shape).astype(work)
+        r_floor = np.floor(r)
+        S = np.clip(r_floor + (u < r - r_floor), low, high)  # stochastic rounding, E[S] = r
     return F.astype(np.int8), S.astype(np.int8), np.asarray(sigma)
 
 
@@ -584,11 +597,12 @@ def int4_linear_backward(
     clip: str = "code",
     seed: int = 0,
     rounding: str = "half_away",
+    residual: str = "stochastic",
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
     """The whole backward of ``hq_linear``: (grad_x, grad_w, grad_step_x, grad_step_w).
 
     1. Recompute the forward's codes: X~ = X H, W~ = W H, q = lsq_encode(·, s).
-    2. Split G = dL/dY: F, S, sigma = bit_split(G, clip, seed).
+    2. Split G = dL/dY: F, S, sigma = bit_split(G, clip, seed, residual).
     3. grad X~ = lss_grad_input(F, S, sigma, q_w, s_w); grad W~ = lss_grad_weight(..., q_x, s_x).
     4. LSQ: grad wrt X~ and s_x = lsq_quantize_grad(X~, s_x, grad X~), the same for W.
     5. Back through H: grad X = grad_X~ H^T = block_hadamard(grad_X~) (H is symmetric).
@@ -609,7 +623,7 @@ def int4_linear_backward(
     x_h, w_h = block_hadamard(x_w, block), block_hadamard(w_w, block)  # X~, W~
     q_x = lsq_encode(x_h, step_x, bits, rounding=rounding)
     q_w = lsq_encode(w_h, step_w, bits, rounding=rounding)
-    F, S, sigma = bit_split(g, bits, clip=clip, seed=seed)
+    F, S, sigma = bit_split(g, bits, clip=clip, seed=seed, residual=residual)
     grad_x_h = lss_grad_input(F, S, sigma, q_w, step_w, bits, sampling=sampling, seed=seed)
     grad_w_h = lss_grad_weight(F, S, sigma, q_x, step_x, bits, sampling=sampling, seed=seed)
     grad_x_h, grad_step_x = lsq_quantize_grad(x_h, step_x, grad_x_h, bits, rounding=rounding)

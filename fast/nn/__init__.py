@@ -17,9 +17,10 @@ the common config entries); a method's module subclasses it, but any ``nn.Module
 lowbit included).
 
 Modules: ``Linear8bitLt`` (LLM.int8(), arXiv 2208.07339, ``lowbit.fast.nn.llm_int8``),
-``FPQLinear`` (LLM-FP4, arXiv 2310.16836, ``lowbit.fast.nn.fpq``) and ``OmniQuantLinear``
+``FPQLinear`` (LLM-FP4, arXiv 2310.16836, ``lowbit.fast.nn.fpq``), ``OmniQuantLinear``
 (OmniQuant, arXiv 2308.13137, ``lowbit.fast.nn.omniquant``, which also holds its block-wise
-``calibrate``). Adding a method: write
+``calibrate``) and the trainable ``Int4Linear`` (4-bit training, arXiv 2306.11987,
+``lowbit.fast.nn.int4_training``, with ``convert_for_training``). Adding a method: write
 ``fast/nn/<method>.py`` with its class decorated by ``@register_module``, and add one import line
 at the bottom of this file (it registers the class and re-exports it from ``lowbit.fast.nn``).
 """
@@ -201,6 +202,7 @@ class QuantizedLinear(nn.Module):
 # re-exports it as lowbit.fast.nn.<Class> (the `as` form marks the re-export for ruff and mypy).
 # They import the base class above, so they come last.
 from lowbit.fast.nn.fpq import FPQLinear as FPQLinear  # noqa: E402
+from lowbit.fast.nn.int4_training import Int4Linear as Int4Linear  # noqa: E402
 from lowbit.fast.nn.llm_int8 import Linear8bitLt as Linear8bitLt  # noqa: E402
 from lowbit.fast.nn.omniquant import OmniQuantLinear as OmniQuantLinear  # noqa: E402
 

@@ -72,7 +72,8 @@ def split_calls(draw) -> Call:
     if draw(st.integers(0, 9)) == 0:
         g = np.zeros_like(g)  # a zero gradient splits into zero codes
     return Call((g, draw(st.sampled_from([2, 3, 4, 4, 8]))),
-                {"clip": draw(st.sampled_from(["code", "full"])), "seed": draw(SEEDS)})  # fmt: skip
+                {"clip": draw(st.sampled_from(["code", "full"])), "seed": draw(SEEDS),
+                 "residual": draw(st.sampled_from(["stochastic", "nearest"]))})  # fmt: skip
 
 
 @st.composite

@@ -1,0 +1,359 @@
+"""Training with 4-bit integers (arXiv 2306.11987) as a module: ``Int4Linear``, and
+``convert_for_training`` to swap it into a model.
+
+``Int4Linear`` is a trainable drop-in for ``nn.Linear`` whose three matmuls run on INT4 codes:
+the forward quantizes X H and W H with learned LSQ steps (the Hadamard quantizer), the backward
+splits the output gradient into two INT4 matrices and, with ``sampling=True`` (the paper),
+keeps about half of their rows by leverage-score sampling. The math, the official code's
+choices and the tests are in ``lowbit.reference.int4_training``; this module is its
+``torch.autograd.Function`` and the training bookkeeping:
+
+* the float weight (the optimizer's master copy) and the bias are ``nn.Parameter``s, and so are
+  the two LSQ steps ``step_x``, ``step_w`` (used as |step|, as the official code does);
+* the first forward in training mode picks the Hadamard block (``hq_search``, unless ``block``
+  was given) and initialises the steps (``lsq_init``). Under ``torch.distributed`` rank 0's
+  block is broadcast and the steps are averaged over the ranks, so DDP replicas stay equal;
+* every training forward draws a new seed for its backward from (``seed``, the call count,
+  the rank): the sampled rows differ between steps and between ranks, and a run is
+  reproducible from its seeds;
+* a non-finite output gradient (an fp16 overflow) gives NaN gradients, so ``GradScaler``
+  skips the step as it does for ``nn.Linear``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterable
+from typing import Any
+
+import torch
+from lowbit.fast import int4_training as _int4
+from lowbit.fast.hadamard import block_hadamard
+from lowbit.fast.nn import register_module
+from lowbit.reference.hadamard import block_sizes
+from lowbit.reference.int4_training import _CLIPS, _RESIDUALS, _ROUNDINGS, _check_choice, _levels
+from torch import nn
+
+__all__ = ["Int4Linear", "convert_for_training"]
+
+_STEP_FLOOR = 1e-10  # |step| below this is raised to it: a step that crossed 0 stays usable
+
+
+def _mix(*values: int) -> int:
+    """One 63-bit seed from several non-negative ints (splitmix64 finaliser per value)."""
+    h = 0
+    for v in values:
+        h = (h ^ (v & 0xFFFFFFFFFFFFFFFF)) * 0x9E3779B97F4A7C15 & 0xFFFFFFFFFFFFFFFF
+        h ^= h >> 31
+    return h >> 1
+
+
+class _Int4LinearFunction(torch.autograd.Function):
+    """y = s_x s_w (q_x q_w^T) + b forward; bit splitting + LSS backward."""
+
+    @staticmethod
+    def forward(ctx, x, weight, step_x, step_w, bias, layer: Int4Linear, seed: int):
+        rows = x.reshape(-1, x.shape[-1])
+        work = torch.float64 if x.dtype == torch.float64 else torch.float32
+        x_h = block_hadamard(rows.detach().to(work), layer.block)  # X~ (tokens, in)
+        w_h = block_hadamard(weight.detach().to(work), layer.block)  # W~ (out, in)
+        s_x = step_x.detach().abs().clamp_min(_STEP_FLOOR).to(work)
+        s_w = step_w.detach().abs().clamp_min(_STEP_FLOOR).to(work)
+        Qn, Qp = _levels(layer.bits)
+        q_x = _int4._encode(x_h, s_x, Qn, Qp, layer.rounding)
+        q_w = _int4._encode(w_h, s_w, Qn, Qp, layer.rounding)
+        y = _int4._int_matmul(q_x, q_w.t()).to(work) * (s_x * s_w)
+        if bias is not None:
+            y = y + bias.detach().to(work)
+        ctx.save_for_backward(x_h, w_h, s_x, s_w, step_x.detach(), step_w.detach())
+        ctx.options = (layer.block, layer.bits, layer.sampling, layer.clip, layer.rounding)
+        ctx.residual, ctx.seed, ctx.has_bias = layer.residual, seed, bias is not None
+        ctx.shapes = (x.shape, x.dtype, weight.dtype)
+        return y.reshape(*x.shape[:-1], y.shape[-1]).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        x_h, w_h, s_x, s_w, step_x, step_w = ctx.saved_tensors
+        block, bits, sampling, clip, rounding = ctx.options
+        x_shape, x_dtype, w_dtype = ctx.shapes
+        g = grad_y.reshape(-1, grad_y.shape[-1]).to(x_h.dtype)
+        # an Inf/NaN gradient poisons every output (as nn.Linear's would): GradScaler skips
+        poison = torch.where(torch.isfinite(g.amax()) & torch.isfinite(g.amin()), 0.0, math.nan)
+        g_clean = torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0)
+        grad_x_h, grad_w_h, grad_s_x, grad_s_w = _int4._backward_parts(
+            g_clean, x_h, w_h, s_x, s_w, bits, sampling, clip, ctx.seed, rounding, ctx.residual
+        )
+        grad_x = (block_hadamard(grad_x_h, block) + poison).reshape(x_shape).to(x_dtype)
+        grad_w = (block_hadamard(grad_w_h, block) + poison).to(w_dtype)
+        # the forward used |step|: d|s|/ds = sign(s)
+        grad_step_x = ((grad_s_x + poison) * torch.sign(step_x)).to(step_x.dtype)
+        grad_step_w = ((grad_s_w + poison) * torch.sign(step_w)).to(step_w.dtype)
+        grad_bias = (g.sum(dim=0) + poison) if ctx.has_bias else None
+        return grad_x, grad_w, grad_step_x, grad_step_w, grad_bias, None, None
+
+
+@register_module
+class Int4Linear(nn.Module):
+    """A trainable linear layer computed in INT4: the Hadamard quantizer with LSQ forward,
+    bit splitting with leverage-score sampling backward (Xi et al., NeurIPS 2023).
+
+    Args:
+        in_features: as ``nn.Linear``.
+        out_features: as ``nn.Linear``.
+        bias: as ``nn.Linear``.
+        bits: code width of activations, weights and both gradient parts (4).
+        block: the Hadamard block (a power of two dividing ``in_features``); ``None`` searches
+            it on the first training batch as the official code does (``hq_search``).
+        sampling: leverage-score sampling in the backward (the paper; ``False`` keeps every
+            row, as the released CUDA kernels do).
+        clip: ``"code"`` (the released kernels' ±6 clamp of the gradient parts) or ``"full"``.
+        rounding: the forward codes' rounding, ``"half_away"`` (CUDA kernel) or ``"half_even"``.
+        residual: ``"stochastic"`` (unbiased) or ``"nearest"`` rounding of the split residual.
+        seed: the base of the per-step seeds of the backward's random numbers.
+        max_block: the largest block the search tries (1024).
+
+    Parameters: ``weight`` (out, in), ``bias`` (out,), ``step_x``, ``step_w`` (0-d). Buffers:
+    ``block_size`` (0 until chosen), ``initialized`` (the steps were set from data).
+    """
+
+    block_size: torch.Tensor
+    initialized: torch.Tensor
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        *,
+        bits: int = 4,
+        block: int | None = None,
+        sampling: bool = True,
+        clip: str = "code",
+        rounding: str = "half_away",
+        residual: str = "stochastic",
+        seed: int = 0,
+        max_block: int = 1024,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ):
+        super().__init__()
+        _levels(bits)
+        _check_choice(clip, "clip", _CLIPS)
+        _check_choice(rounding, "rounding", _ROUNDINGS)
+        _check_choice(residual, "residual", _RESIDUALS)
+        if in_features < 1 or out_features < 1:
+            raise ValueError(
+                f"Int4Linear needs in_features, out_features >= 1, got {in_features}, {out_features}"
+            )
+        candidates = block_sizes(in_features, max_block)
+        if block is not None and block not in candidates:
+            raise ValueError(
+                f"block={block} must be a power of two dividing in_features={in_features}: "
+                f"one of {candidates}, or None to search"
+            )
+        self.in_features, self.out_features = int(in_features), int(out_features)
+        self.bits, self.sampling, self.clip = int(bits), bool(sampling), clip
+        self.rounding, self.residual, self.seed = rounding, residual, int(seed)
+        self.max_block = int(max_block)
+        self.calls = 0  # training forwards so far: part of each backward's seed
+        factory: dict[str, Any] = {"device": device, "dtype": dtype}
+        self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory))
+        self.bias = nn.Parameter(torch.zeros(out_features, **factory)) if bias else None
+        self.step_x = nn.Parameter(torch.ones((), **factory))
+        self.step_w = nn.Parameter(torch.ones((), **factory))
+        self.register_buffer("block_size", torch.tensor(block or 0, device=device))
+        self.register_buffer("initialized", torch.tensor(False, device=device))
+        nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))  # nn.Linear's default
+
+    @property
+    def block(self) -> int:
+        """The Hadamard block in use (1 = no transform); 0 before the first training batch."""
+        return int(self.block_size)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, **options: Any) -> Int4Linear:
+        """An ``Int4Linear`` holding a copy of ``linear``'s weight and bias (``options`` as the
+        constructor's); the steps (and the block, unless given) come from the first batch."""
+        if not isinstance(linear, nn.Linear):
+            raise ValueError(f"from_linear expects an nn.Linear, got {type(linear).__name__}")
+        layer = cls(
+            linear.in_features,
+            linear.out_features,
+            linear.bias is not None,
+            device=linear.weight.device,
+            dtype=linear.weight.dtype,
+            **options,
+        )
+        with torch.no_grad():
+            layer.weight.copy_(linear.weight)
+            if linear.bias is not None and layer.bias is not None:
+                layer.bias.copy_(linear.bias)
+        return layer
+
+    @torch.no_grad()
+    def _initialise(self, x: torch.Tensor) -> None:
+        """Block search and LSQ init on the first batch (agreed across ranks under DDP)."""
+        rows = x.detach().reshape(-1, self.in_features).float()
+        w = self.weight.detach().float()
+        if self.block == 0:
+            block = _int4.hq_search(rows, w, self.bits, self.max_block)[0]
+            self.block_size.fill_(_broadcast_int(block, self.block_size.device))
+        s_x = _int4.lsq_init(block_hadamard(rows, self.block), self.bits)
+        s_w = _int4.lsq_init(block_hadamard(w, self.block), self.bits)
+        self.step_x.copy_(_mean_over_ranks(s_x))
+        self.step_w.copy_(_mean_over_ranks(s_w))
+        self.initialized.fill_(True)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not isinstance(x, torch.Tensor) or not x.is_floating_point():
+            raise ValueError(
+                f"Int4Linear expects a floating-point tensor, got {getattr(x, 'dtype', type(x))}"
+            )
+        if x.dim() == 0 or x.shape[-1] != self.in_features:
+            raise ValueError(
+                f"Int4Linear expects (..., {self.in_features}) inputs, got shape {tuple(x.shape)}"
+            )
+        if not bool(self.initialized):
+            if not self.training:
+                raise ValueError(
+                    "Int4Linear has no step sizes yet: run one batch in train() mode first "
+                    "(the first training batch sets the Hadamard block and the LSQ steps)"
+                )
+            self._initialise(x)
+        seed = 0
+        if self.training and torch.is_grad_enabled():
+            seed = _mix(self.seed, self.calls, _rank())
+            self.calls += 1
+        return _Int4LinearFunction.apply(
+            x, self.weight, self.step_x, self.step_w, self.bias, self, seed
+        )
+
+    def dequantized_weight(self) -> torch.Tensor:
+        """The weight the forward computes with, back in the input basis: Q(W H) H^T, (out, in)."""
+        block = self.block or 1
+        w_h = block_hadamard(self.weight.detach().float(), block)
+        s_w = self.step_w.detach().abs().clamp_min(_STEP_FLOOR).float()
+        w_q = _int4.lsq_quantize(w_h, s_w, self.bits, rounding=self.rounding)
+        return block_hadamard(w_q, block)
+
+    def to_linear(self, quantized: bool = False) -> nn.Linear:
+        """A plain ``nn.Linear`` with the trained float weight (the master copy), or with
+        ``dequantized_weight()`` when ``quantized=True``."""
+        w = self.dequantized_weight() if quantized else self.weight.detach()
+        lin = nn.Linear(
+            self.in_features,
+            self.out_features,
+            bias=self.bias is not None,
+            device=w.device,
+            dtype=self.weight.dtype,
+        )
+        with torch.no_grad():
+            lin.weight.copy_(w)
+            if self.bias is not None and lin.bias is not None:
+                lin.bias.copy_(self.bias)
+        return lin
+
+    def lowbit_config(self) -> dict[str, Any]:
+        return {
+            "in_features": self.in_features,
+            "out_features": self.out_features,
+            "bias": self.bias is not None,
+            "dtype": str(self.weight.dtype).removeprefix("torch."),
+            "bits": self.bits,
+            "block": self.block or None,
+            "sampling": self.sampling,
+            "clip": self.clip,
+            "rounding": self.rounding,
+            "residual": self.residual,
+            "seed": self.seed,
+            "max_block": self.max_block,
+        }
+
+    @classmethod
+    def from_config(cls, config: dict[str, Any]) -> Int4Linear:
+        options = dict(config)
+        dtype = getattr(torch, options.pop("dtype", "float32"))
+        return cls(
+            options.pop("in_features"),
+            options.pop("out_features"),
+            options.pop("bias"),
+            dtype=dtype,
+            **options,
+        )
+
+    def extra_repr(self) -> str:
+        block = self.block or "search"
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, "
+            f"bias={self.bias is not None}, bits={self.bits}, block={block}, "
+            f"sampling={self.sampling}, clip={self.clip!r}"
+        )
+
+
+# ---- torch.distributed helpers (no-ops on one process) -------------------------------------------
+
+
+def _distributed() -> bool:
+    return torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _rank() -> int:
+    return torch.distributed.get_rank() if _distributed() else 0
+
+
+def _broadcast_int(value: int, device) -> int:
+    if not _distributed():
+        return value
+    t = torch.tensor([value], dtype=torch.int64, device=device)
+    torch.distributed.broadcast(t, src=0)
+    return int(t)
+
+
+def _mean_over_ranks(value: torch.Tensor) -> torch.Tensor:
+    if not _distributed():
+        return value
+    t = value.detach().clone().reshape(1)
+    torch.distributed.all_reduce(t)
+    return (t / torch.distributed.get_world_size()).reshape(())
+
+
+# ---- swapping the layers of a model -------------------------------------------------------------
+
+
+def convert_for_training(
+    model: nn.Module,
+    *,
+    layers: Callable[[str, nn.Linear], bool] | Iterable[str] | None = None,
+    skip: tuple[str, ...] = ("lm_head", "classifier", "score", "qa_outputs"),
+    progress: bool = True,
+    **options: Any,
+) -> nn.Module:
+    """Swap ``Int4Linear`` in for the linears of ``model`` (in place) and return it.
+
+    Args:
+        model: any model with ``nn.Linear`` layers (BERT and LLaMA families from transformers
+            included); its embeddings are not touched.
+        layers: which linears to convert: a predicate ``(name, linear) -> bool``, or names (a
+            linear is converted when its name ends with one of them, e.g. ``["q_proj",
+            "v_proj"]``); ``None`` converts every linear not in ``skip``.
+        skip: names kept in full precision (the heads, as in the paper's recipe).
+        progress: a progress bar over the layers.
+        **options: ``Int4Linear``'s options (``bits``, ``sampling``, ``clip``, ``block``, ...).
+
+    Swap back with ``lowbit.fast.convert.restore_linears(model)`` (the trained float weights).
+    """
+    from lowbit.fast.convert import replace_linears
+
+    if layers is None:
+        chosen: Callable[[str, nn.Linear], bool] = lambda name, linear: True  # noqa: E731
+    elif callable(layers):
+        chosen = layers
+    else:
+        suffixes = tuple(layers)
+        chosen = lambda name, linear: name.endswith(suffixes)  # noqa: E731
+    Int4Linear(1024, 1, **options)  # check the options once, before any layer is touched
+
+    def make(name: str, linear: nn.Linear) -> nn.Module | None:
+        return Int4Linear.from_linear(linear, **options) if chosen(name, linear) else None
+
+    return replace_linears(model, make, skip=skip, progress=progress)
