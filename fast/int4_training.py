@@ -22,6 +22,7 @@ import numbers
 import torch
 from lowbit.fast._tensors import takes_tensors
 from lowbit.fast.hadamard import block_hadamard
+from lowbit.kernels import on_triton_device
 from lowbit.reference.hadamard import block_sizes
 from lowbit.reference.int4_training import (
     _CLIPS,
@@ -137,9 +138,14 @@ def _hash32_int(x: int) -> int:
     return int(_hash32(torch.tensor([x & _MASK], dtype=torch.int64))[0])
 
 
+def _stream_key(seed: int, stream: int) -> int:
+    """The 32-bit hash key of (seed, stream), as the reference and the kernels use it."""
+    return _hash32_int(((seed ^ (stream * _GOLDEN)) & _MASK) ^ _hash32_int(seed >> 32))
+
+
 def _uniforms(n: int, seed: int, stream: int, device) -> torch.Tensor:
     """The reference's n uniforms on [0, 1) for (seed, stream), float32, on ``device``."""
-    key = _hash32_int(((seed ^ (stream * _GOLDEN)) & _MASK) ^ _hash32_int(seed >> 32))
+    key = _stream_key(seed, stream)
     counter = torch.arange(n, dtype=torch.int64, device=device) & _MASK
     bits = _hash32((_hash32(counter ^ key) + key) & _MASK)
     return (bits >> 8).to(torch.float32) * (2.0**-24)
@@ -261,13 +267,30 @@ def _strided(t: torch.Tensor) -> torch.Tensor:
 
 
 def _int_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b for int8 codes, exact int32 (``torch._int_mm`` where it applies, else float32)."""
-    m, k = a.shape
-    n = b.shape[1]
-    if a.device.type == "cpu" or (m > 16 and k % 8 == 0 and n % 8 == 0):
+    """a @ b for int8 codes, exact int32: the Triton int8 GEMM on CUDA, ``torch._int_mm`` on CPU."""
+    if on_triton_device(a):
+        from lowbit.kernels.int8 import int8_linear
+
+        ones_m = torch.ones(a.shape[0], dtype=torch.float32, device=a.device)
+        ones_n = torch.ones(b.shape[1], dtype=torch.float32, device=a.device)
+        return int8_linear(a, ones_m, b.t(), ones_n, out_int32=True)
+    if a.device.type == "cpu":
         return torch._int_mm(_strided(a), _strided(b))
     # |sum| <= 64 k < 2^24 for k < 2^18: float32 products of codes are exact
     return (a.to(torch.float32) @ b.to(torch.float32)).to(torch.int32)
+
+
+def _hq_codes(rows: torch.Tensor, s: torch.Tensor, block: int, bits: int, rounding: str):
+    """(LSQ codes of X~, X~ float32/float64) for rows (tokens, in) in the working precision:
+    the fused Triton kernel on CUDA (blocks up to 256), the torch butterflies elsewhere; the
+    two are bit for bit the same."""
+    Qn, Qp = _levels(bits)
+    if rows.dtype == torch.float32 and block <= 256 and on_triton_device(rows):
+        from lowbit.kernels.int4_training import hadamard_quantize
+
+        return hadamard_quantize(rows, s, block, bits, rounding, keep_transform=True)
+    x_h = block_hadamard(rows, block)
+    return _encode(x_h, s, Qn, Qp, rounding), x_h
 
 
 @takes_tensors
@@ -288,8 +311,8 @@ def hq_linear(
     if w_w.dim() != 2 or w_w.shape[1] != x_w.shape[-1]:
         raise ValueError(f"w must be (out, {x_w.shape[-1]}) for x's inputs, got {tuple(w_w.shape)}")
     s_x, s_w = _step(step_x, x_w, "step_x"), _step(step_w, x_w, "step_w")
-    q_x = _encode(block_hadamard(_rows(x_w), block), s_x, Qn, Qp, rounding)
-    q_w = _encode(block_hadamard(w_w.to(x_w.dtype), block), s_w, Qn, Qp, rounding)
+    q_x = _hq_codes(_rows(x_w), s_x, block, bits, rounding)[0]
+    q_w = _hq_codes(w_w.to(x_w.dtype), s_w, block, bits, rounding)[0]
     acc = _int_matmul(q_x, q_w.t())  # (tokens, out), exact
     y = acc.to(x_w.dtype) * (s_x * s_w)
     return y.reshape(x_w.shape[:-1] + (w_w.shape[0],)).to(x.dtype)
@@ -309,6 +332,13 @@ def _bit_split(g_w: torch.Tensor, bits: int, clip: str, seed: int, residual: str
     mn = torch.minimum(g_min - _const(GRAD_EPS, g_w), zero)
     mx = torch.maximum(g_max + _const(GRAD_EPS, g_w), zero)
     sigma = _const(nb * nb, g_w) / (_const(2.0, g_w) * torch.maximum(mn.abs(), mx.abs()))
+    if g_w.dtype == torch.float32 and g_w.dim() == 2 and on_triton_device(g_w):
+        from lowbit.kernels.int4_training import bit_split as split_kernel
+
+        F, S = split_kernel(g_w, sigma, _stream_key(seed, _STREAM_RESIDUAL), bits, clip, residual)[
+            :2
+        ]
+        return F, S, sigma
     t = g_w * sigma
     F = torch.round(t / _const(nb, g_w)).clamp_(low, high)
     r = t - _const(nb, g_w) * F

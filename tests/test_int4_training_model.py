@@ -274,9 +274,10 @@ def _initialised(options, folder) -> nn.Module:
 def _ddp_worker(rank: int, world: int, folder: str, options: dict, tag: str) -> None:
     import torch.distributed as dist
 
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=os.environ["LOWBIT_TEST_PORT"])
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", rank=rank, world_size=world)
+    # a file rendezvous: no TCP port to find free (and lose to another process)
+    store = f"file://{os.path.join(folder, tag)}.store"
+    dist.init_process_group("gloo", init_method=store, rank=rank, world_size=world)
     try:
         model = nn.parallel.DistributedDataParallel(_initialised(options, folder))
         opt = torch.optim.SGD(model.parameters(), lr=0.1)
@@ -316,14 +317,9 @@ def _one_process(options, folder, ranks=(0, 1)) -> dict:
 
 
 def _spawn(folder, options, tag):
-    import socket
-
     import torch.multiprocessing as mp
 
     _initialised(options, folder)  # init.pt exists before the ranks start
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        os.environ["LOWBIT_TEST_PORT"] = str(s.getsockname()[1])
     mp.spawn(_ddp_worker, args=(2, folder, options, tag), nprocs=2, join=True)
     return torch.load(os.path.join(folder, f"{tag}.pt"))
 

@@ -55,18 +55,16 @@ class _Int4LinearFunction(torch.autograd.Function):
     def forward(ctx, x, weight, step_x, step_w, bias, layer: Int4Linear, seed: int):
         rows = x.reshape(-1, x.shape[-1])
         work = torch.float64 if x.dtype == torch.float64 else torch.float32
-        x_h = block_hadamard(rows.detach().to(work), layer.block)  # X~ (tokens, in)
-        w_h = block_hadamard(weight.detach().to(work), layer.block)  # W~ (out, in)
+        block, bits, rounding = layer._block, layer.bits, layer.rounding
         s_x = step_x.detach().abs().clamp_min(_STEP_FLOOR).to(work)
         s_w = step_w.detach().abs().clamp_min(_STEP_FLOOR).to(work)
-        Qn, Qp = _levels(layer.bits)
-        q_x = _int4._encode(x_h, s_x, Qn, Qp, layer.rounding)
-        q_w = _int4._encode(w_h, s_w, Qn, Qp, layer.rounding)
+        q_x, x_h = _int4._hq_codes(rows.detach().to(work), s_x, block, bits, rounding)  # X~
+        q_w, w_h = _int4._hq_codes(weight.detach().to(work), s_w, block, bits, rounding)  # W~
         y = _int4._int_matmul(q_x, q_w.t()).to(work) * (s_x * s_w)
         if bias is not None:
             y = y + bias.detach().to(work)
         ctx.save_for_backward(x_h, w_h, s_x, s_w, step_x.detach(), step_w.detach())
-        ctx.options = (layer.block, layer.bits, layer.sampling, layer.clip, layer.rounding)
+        ctx.options = (block, bits, layer.sampling, layer.clip, rounding)
         ctx.residual, ctx.seed, ctx.has_bias = layer.residual, seed, bias is not None
         ctx.shapes = (x.shape, x.dtype, weight.dtype)
         return y.reshape(*x.shape[:-1], y.shape[-1]).to(x.dtype)
@@ -156,6 +154,8 @@ class Int4Linear(nn.Module):
         self.rounding, self.residual, self.seed = rounding, residual, int(seed)
         self.max_block = int(max_block)
         self.calls = 0  # training forwards so far: part of each backward's seed
+        self._ready = False  # the buffers below were read once (no device sync per forward)
+        self._block = 0
         factory: dict[str, Any] = {"device": device, "dtype": dtype}
         self.weight = nn.Parameter(torch.empty(out_features, in_features, **factory))
         self.bias = nn.Parameter(torch.zeros(out_features, **factory)) if bias else None
@@ -213,13 +213,15 @@ class Int4Linear(nn.Module):
             raise ValueError(
                 f"Int4Linear expects (..., {self.in_features}) inputs, got shape {tuple(x.shape)}"
             )
-        if not bool(self.initialized):
-            if not self.training:
-                raise ValueError(
-                    "Int4Linear has no step sizes yet: run one batch in train() mode first "
-                    "(the first training batch sets the Hadamard block and the LSQ steps)"
-                )
-            self._initialise(x)
+        if not self._ready:  # the first call (or the first after load_state_dict)
+            if not bool(self.initialized):
+                if not self.training:
+                    raise ValueError(
+                        "Int4Linear has no step sizes yet: run one batch in train() mode first "
+                        "(the first training batch sets the Hadamard block and the LSQ steps)"
+                    )
+                self._initialise(x)
+            self._block, self._ready = int(self.block_size), True
         seed = 0
         if self.training and torch.is_grad_enabled():
             seed = _mix(self.seed, self.calls, _rank())
@@ -227,6 +229,10 @@ class Int4Linear(nn.Module):
         return _Int4LinearFunction.apply(
             x, self.weight, self.step_x, self.step_w, self.bias, self, seed
         )
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._ready = False  # read the loaded block and flag on the next forward
 
     def dequantized_weight(self) -> torch.Tensor:
         """The weight the forward computes with, back in the input basis: Q(W H) H^T, (out, in)."""
