@@ -64,8 +64,21 @@ SECTIONS = {
         " (N, K) in (4096, 4096), (11008, 4096), (4096, 11008) | (4096, 4096)",
         "per-token asymmetric activation quantizer bf16 (16384 x 4096 | 4096 x 4096) vs copy",
     ],
+    "int4_training": [
+        "M6 / M7 fused block-Hadamard + LSQ quantize, blocks 16, 64, 256, bf16 (16384 x 8192 |"
+        " 4096 x 4096), vs copy and vs Hadamard then quantize",
+        "M8 bit-splitting gradient quantizer fp32 vs copy",
+        "C8 Int4Linear fwd+bwd vs bf16 nn.Linear (8192 tokens, N = K = 8192 | 2048, 4096)",
+    ],
 }
-STEP_SHARE = {"pytest": 0.4, "formats": 0.12, "llm_int8": 0.2, "fpq": 0.14, "omniquant": 0.14}
+STEP_SHARE = {
+    "pytest": 0.36,
+    "formats": 0.11,
+    "llm_int8": 0.18,
+    "fpq": 0.12,
+    "omniquant": 0.12,
+    "int4_training": 0.11,
+}
 GATE = re.compile(r"gate\s*([0-9.]+)\s*(x)?")
 
 

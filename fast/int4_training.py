@@ -121,21 +121,28 @@ def _const(value: float, like: torch.Tensor) -> torch.Tensor:
 # ---- counter-based random numbers (the reference's hash, in int64 tensors) -------------------
 
 
-def _mul32(x: torch.Tensor, m: int) -> torch.Tensor:
-    """(x * m) mod 2^32 for 0 <= x < 2^32, in two 16-bit halves of m (no int64 overflow)."""
-    return (x * (m & 0xFFFF) + (((x * (m >> 16)) & 0xFFFF) << 16)) & _MASK
+def _signed(v: int) -> int:
+    """A 32-bit pattern as the int32 that holds it."""
+    return v - (1 << 32) if v >= 1 << 31 else v
+
+
+def _srl(x: torch.Tensor, k: int) -> torch.Tensor:
+    """Logical right shift of int32 bit patterns (``>>`` on int32 is arithmetic)."""
+    return (x >> k) & ((1 << (32 - k)) - 1)
 
 
 def _hash32(x: torch.Tensor) -> torch.Tensor:
-    x = x ^ (x >> 16)
-    x = _mul32(x, _M1)
-    x = x ^ (x >> 15)
-    x = _mul32(x, _M2)
-    return x ^ (x >> 16)
+    """The reference's lowbias32 on int32 tensors holding uint32 bit patterns: int32 products
+    and sums wrap modulo 2^32 like uint32 ones (checked bit for bit against NumPy's uint32)."""
+    x = x ^ _srl(x, 16)
+    x = x * _signed(_M1)
+    x = x ^ _srl(x, 15)
+    x = x * _signed(_M2)
+    return x ^ _srl(x, 16)
 
 
 def _hash32_int(x: int) -> int:
-    return int(_hash32(torch.tensor([x & _MASK], dtype=torch.int64))[0])
+    return int(_hash32(torch.tensor([_signed(x & _MASK)], dtype=torch.int32))[0]) & _MASK
 
 
 def _stream_key(seed: int, stream: int) -> int:
@@ -145,10 +152,12 @@ def _stream_key(seed: int, stream: int) -> int:
 
 def _uniforms(n: int, seed: int, stream: int, device) -> torch.Tensor:
     """The reference's n uniforms on [0, 1) for (seed, stream), float32, on ``device``."""
-    key = _stream_key(seed, stream)
-    counter = torch.arange(n, dtype=torch.int64, device=device) & _MASK
-    bits = _hash32((_hash32(counter ^ key) + key) & _MASK)
-    return (bits >> 8).to(torch.float32) * (2.0**-24)
+    key = _signed(_stream_key(seed, stream))
+    if n >= 1 << 31:
+        raise ValueError(f"{n} random numbers requested: at most 2^31 - 1 per call")
+    counter = torch.arange(n, dtype=torch.int32, device=device)
+    bits = _hash32(_hash32(counter ^ key) + key)
+    return _srl(bits, 8).to(torch.float32) * (2.0**-24)
 
 
 # ---- LSQ ----------------------------------------------------------------------------------------

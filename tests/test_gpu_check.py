@@ -19,12 +19,12 @@ def test_dry_run_prints_every_step_and_needs_no_gpu(tmp_path, capsys):
     assert gpu_check.main(["--dry-run", "--out", str(tmp_path / "o"), "--budget", "400"]) == 0
     out = capsys.readouterr().out
     assert "pytest -m gpu" in out and "LOWBIT_NATIVE_TRITON=1" in out
-    for name in ("formats", "llm_int8", "fpq", "omniquant"):
+    for name in ("formats", "llm_int8", "fpq", "omniquant", "int4_training"):
         assert f"benchmarks/{name}.py gpu_section(quick=False)" in out
-    for goal in ("M1", "M4", "M5", "C1", "C3", "C7a", "C9", "O1", "O2"):
+    for goal in ("M1", "M4", "M5", "C1", "C3", "C7a", "C9", "O1", "O2", "M6", "M8", "C8"):
         assert goal in out
     assert str(tmp_path / "o" / "gpu_check.json") in out
-    assert "[160 s]" in out  # the pytest step's share of a 400 s budget
+    assert "[144 s]" in out  # the pytest step's share of a 400 s budget
     assert not (tmp_path / "o").exists()  # a dry run writes nothing
 
 

@@ -349,3 +349,91 @@ def test_ddp_two_ranks_equal_one_process_and_reproduce_from_seeds():
         _assert_close(first, _one_process(sampled, os.path.join(folder, "lss")))
         same_seed = _one_process(sampled, os.path.join(folder, "lss"), ranks=(0, 0))
         assert not torch.equal(same_seed["0.weight"], first["0.weight"])  # rank seeds differ
+
+
+# ---- the 2026 comparison recipe: FP4 training as current hardware does it ---------------------
+
+
+def test_mxfp4_stochastic_rounding_is_unbiased():
+    """Mean over seeds against x, per element within a Hoeffding bound (family-wise 1e-6):
+    each draw is one of the two MXFP4 neighbours, so its range is one grid step."""
+    from lowbit.fast import formats
+
+    torch.manual_seed(0)
+    x = torch.randn(4, 64) * torch.randn(64).exp()
+    repeats = 1000
+    draws = torch.stack([N._mx_fp4(x, seed=k) for k in range(repeats)]).double()
+    _, codes = formats.encode_mx(x, "e2m1", 32)
+    scale = torch.repeat_interleave(torch.exp2(codes.double() - 127), 32, -1)  # per element
+    assert (0.75 * x / scale).abs().max() <= 6  # the 3/4 shrink: nothing above E2M1's max
+    q = (draws[0] * 0.75 / scale).float()  # a draw, in E2M1 units: on the E2M1 grid
+    assert torch.equal(formats.quantize(q, "e2m1"), q)
+    # a draw is one of two grid neighbours, at most 2 E2M1 units apart: 2 scale / 0.75 in x
+    bound = 2 * scale / 0.75 * math.sqrt(math.log(2 * x.numel() / 1e-6) / (2 * repeats))
+    assert ((draws.mean(0) - x.double()).abs() <= bound).all()
+
+
+def test_fp4_training_linear_forward_and_gradients():
+    from lowbit.fast import formats
+
+    torch.manual_seed(1)
+    lin = nn.Linear(64, 48)
+    layer = N.FP4TrainingLinear(lin)
+    x = torch.randn(40, 64, requires_grad=True)
+    y = layer(x)
+    expected = (
+        formats.quantize_mx(x.detach(), "e2m1", 32)
+        @ formats.quantize_mx(lin.weight.detach(), "e2m1", 32).t()
+    )
+    torch.testing.assert_close(y.detach(), expected + lin.bias.detach(), rtol=0, atol=0)
+    g = torch.randn_like(y)
+    y.backward(g)
+    cos = lambda a, b: float(nn.functional.cosine_similarity(a.flatten(), b.flatten(), 0))  # noqa: E731
+    assert cos(x.grad, g @ lin.weight.detach()) > 0.95
+    assert cos(layer.weight.grad, g.t() @ x.detach()) > 0.95
+    assert torch.equal(layer.bias.grad, g.sum(0))
+    q = N._random_hadamard(48, 16, 3, "cpu")
+    torch.testing.assert_close(q @ q.t(), torch.eye(48), rtol=0, atol=1e-6)
+
+
+def test_convert_for_training_mxfp4_recipe():
+    model = nn.Sequential(nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 1))
+    convert_for_training(model, recipe="mxfp4", skip=(), progress=False)
+    assert sum(isinstance(m, N.FP4TrainingLinear) for m in model.modules()) == 2
+    x, y = _regression_data()
+    losses = _train(model, x, y)
+    assert sum(losses[-10:]) < 0.3 * sum(losses[:10])
+    with pytest.raises(ValueError, match="recipe='mxfp4' takes only seed="):
+        convert_for_training(nn.Linear(8, 8), recipe="mxfp4", sampling=False)
+    with pytest.raises(ValueError, match="recipe='fp8' is invalid"):
+        convert_for_training(nn.Linear(8, 8), recipe="fp8")
+
+
+def test_non_finite_input_gives_nan_output_not_a_code():
+    layer = _layer(7)
+    x = torch.randn(6, 64)
+    layer(x)
+    for bad in (math.nan, math.inf):
+        x_bad = x.clone()
+        x_bad[2, 3] = bad
+        assert torch.isnan(layer(x_bad)).all()
+
+
+def test_an_empty_batch_passes_through():
+    layer = _layer(8)
+    layer(torch.randn(4, 64))
+    x = torch.zeros(0, 64, requires_grad=True)
+    y = layer(x)
+    assert y.shape == (0, 24)
+    y.sum().backward()
+    assert x.grad.shape == (0, 64) and torch.isfinite(layer.weight.grad).all()
+
+
+def test_a_half_precision_layer_trains():
+    """A model kept in bfloat16 (weights, bias, steps): gradients come back in their dtypes."""
+    torch.manual_seed(9)
+    layer = Int4Linear.from_linear(nn.Linear(64, 16).to(torch.bfloat16))
+    x = torch.randn(8, 64, dtype=torch.bfloat16)
+    layer(x).float().sum().backward()
+    for p in layer.parameters():
+        assert p.grad is not None and p.grad.dtype == torch.bfloat16

@@ -342,6 +342,11 @@ class _TinyLlamaContext:
             out = model.model(**self.eval_batch).last_hidden_state
         return float(torch.nn.functional.cosine_similarity(out, ref, dim=-1).mean())
 
+    tokenizer = None  # no text: sections that train on tokens need the real Context
+
+    def token_batches(self, seq_len=64, batch_size=8, split="calib"):
+        raise NotImplementedError("this stand-in has no token stream")
+
 
 @pytest.mark.parametrize("quick", [True, False])
 def test_report_section_rows(quick):

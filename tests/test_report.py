@@ -306,7 +306,7 @@ def _one_line_error(capsys, argv, fragment):
         (["report", "--eval-size", "100000"], "--eval-size must be an integer from 1"),
         (["report", "--frobnicate"], "unrecognized arguments"),
         ([], "required"),
-        (["train"], "invalid choice"),
+        (["frobnicate"], "invalid choice"),
     ],
 )
 def test_cli_bad_input_is_one_line_and_exit_2(argv, fragment, capsys, monkeypatch):
@@ -401,7 +401,7 @@ def test_unwritable_output_folder_fails_before_any_work(tmp_path, monkeypatch, c
 
 def test_context_satisfies_the_section_protocol(ctx):
     assert isinstance(ctx, report.ReportContext)
-    assert set(report.SECTIONS) == {"formats", "llm_int8", "fpq", "omniquant"}
+    assert set(report.SECTIONS) == {"formats", "llm_int8", "fpq", "omniquant", "int4_training"}
     assert all(report.ROW_BUILDERS[k] is s.build for k, s in report.SECTIONS.items())
 
 
@@ -555,6 +555,11 @@ class TinyContext:
             return float(
                 torch.nn.functional.cosine_similarity(model(self.x), self.model(self.x)).mean()
             )
+
+    tokenizer = None  # no text: the sections that train on tokens need the real Context
+
+    def token_batches(self, seq_len=64, batch_size=8, split="calib"):
+        raise NotImplementedError("TinyContext has no token stream")
 
 
 def test_tiny_context_satisfies_the_protocol():

@@ -34,7 +34,7 @@ from lowbit.reference.hadamard import block_sizes
 from lowbit.reference.int4_training import _CLIPS, _RESIDUALS, _ROUNDINGS, _check_choice, _levels
 from torch import nn
 
-__all__ = ["Int4Linear", "convert_for_training"]
+__all__ = ["Int4Linear", "FP4TrainingLinear", "convert_for_training"]
 
 _STEP_FLOOR = 1e-10  # |step| below this is raised to it: a step that crossed 0 stays usable
 
@@ -46,6 +46,15 @@ def _mix(*values: int) -> int:
         h = (h ^ (v & 0xFFFFFFFFFFFFFFFF)) * 0x9E3779B97F4A7C15 & 0xFFFFFFFFFFFFFFFF
         h ^= h >> 31
     return h >> 1
+
+
+def _poison(*tensors: torch.Tensor) -> torch.Tensor:
+    """0 when every tensor is finite, NaN otherwise (a 0-d tensor: no device sync)."""
+    finite = torch.ones((), dtype=torch.bool, device=tensors[0].device)
+    for t in tensors:
+        if t.numel():
+            finite = finite & torch.isfinite(t.amax()) & torch.isfinite(t.amin())
+    return torch.where(finite, 0.0, math.nan)
 
 
 class _Int4LinearFunction(torch.autograd.Function):
@@ -61,11 +70,15 @@ class _Int4LinearFunction(torch.autograd.Function):
         q_x, x_h = _int4._hq_codes(rows.detach().to(work), s_x, block, bits, rounding)  # X~
         q_w, w_h = _int4._hq_codes(weight.detach().to(work), s_w, block, bits, rounding)  # W~
         y = _int4._int_matmul(q_x, q_w.t()).to(work) * (s_x * s_w)
+        # codes cannot hold NaN or Inf: a non-finite input or weight makes the output NaN (as
+        # nn.Linear's would be) instead of vanishing into some code; no device sync
+        y = y + _poison(rows, weight.detach())
         if bias is not None:
             y = y + bias.detach().to(work)
         ctx.save_for_backward(x_h, w_h, s_x, s_w, step_x.detach(), step_w.detach())
         ctx.options = (block, bits, layer.sampling, layer.clip, rounding)
-        ctx.residual, ctx.seed, ctx.has_bias = layer.residual, seed, bias is not None
+        ctx.residual, ctx.seed = layer.residual, seed
+        ctx.bias_dtype = None if bias is None else bias.dtype
         ctx.shapes = (x.shape, x.dtype, weight.dtype)
         return y.reshape(*x.shape[:-1], y.shape[-1]).to(x.dtype)
 
@@ -76,7 +89,7 @@ class _Int4LinearFunction(torch.autograd.Function):
         x_shape, x_dtype, w_dtype = ctx.shapes
         g = grad_y.reshape(-1, grad_y.shape[-1]).to(x_h.dtype)
         # an Inf/NaN gradient poisons every output (as nn.Linear's would): GradScaler skips
-        poison = torch.where(torch.isfinite(g.amax()) & torch.isfinite(g.amin()), 0.0, math.nan)
+        poison = _poison(g)
         g_clean = torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0)
         grad_x_h, grad_w_h, grad_s_x, grad_s_w = _int4._backward_parts(
             g_clean, x_h, w_h, s_x, s_w, bits, sampling, clip, ctx.seed, rounding, ctx.residual
@@ -86,7 +99,9 @@ class _Int4LinearFunction(torch.autograd.Function):
         # the forward used |step|: d|s|/ds = sign(s)
         grad_step_x = ((grad_s_x + poison) * torch.sign(step_x)).to(step_x.dtype)
         grad_step_w = ((grad_s_w + poison) * torch.sign(step_w)).to(step_w.dtype)
-        grad_bias = (g.sum(dim=0) + poison) if ctx.has_bias else None
+        grad_bias = None
+        if ctx.bias_dtype is not None:
+            grad_bias = (g.sum(dim=0) + poison).to(ctx.bias_dtype)
         return grad_x, grad_w, grad_step_x, grad_step_w, grad_bias, None, None
 
 
@@ -296,6 +311,108 @@ class Int4Linear(nn.Module):
         )
 
 
+# ---- the 2026 comparison: FP4 training as current hardware does it (emulated) -------------------
+
+
+def _mx_fp4(x: torch.Tensor, seed: int | None = None) -> torch.Tensor:
+    """MXFP4 fake quantization along the last axis (E2M1 elements, blocks of 32, E8M0 scales):
+    round to nearest even, or stochastically with ``seed`` (then the block is first scaled by
+    3/4 so that no element lies above the largest E2M1 value, 6, where rounding would clip:
+    MX's scale puts the block's largest |x| in [4, 8) scale units, 3/4 of it in [3, 6). This is
+    the unbiased variant of Tseng et al. 2025; the 3/4 is undone after the rounding)."""
+    from lowbit.fast import formats
+
+    if seed is None:
+        return formats.quantize_mx(x, "e2m1", 32)
+    _, scale_codes = formats.encode_mx(x, "e2m1", 32)  # the scale of the unshrunk block
+    scale = torch.exp2(scale_codes.to(torch.float32) - 127)
+    scale = torch.repeat_interleave(scale, 32, dim=-1)[..., : x.shape[-1]]
+    q = formats.quantize(0.75 * x / scale, "e2m1", rounding="stochastic", seed=seed)
+    return q * scale / 0.75
+
+
+def _random_hadamard(n: int, block: int, seed: int, device) -> torch.Tensor:
+    """blockdiag(D_i H_block), n = a multiple of ``block``: random signs D_i (seeded) times the
+    orthonormal Hadamard matrix, so the product is orthogonal (Q Q^T = I)."""
+    from lowbit.fast.hadamard import hadamard
+
+    gen = torch.Generator().manual_seed(seed)
+    signs = torch.randint(0, 2, (n // block, block, 1), generator=gen).float() * 2 - 1
+    blocks = signs * hadamard(block).float()  # (n / block, block, block)
+    return torch.block_diag(*blocks).to(device)
+
+
+class _FP4TrainingFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, weight, bias, seed: int):
+        rows = x.reshape(-1, x.shape[-1]).float()
+        w = weight.float()
+        y = _mx_fp4(rows) @ _mx_fp4(w).t()  # blocks along the reduction dim (in)
+        if bias is not None:
+            y = y + bias.float()
+        ctx.save_for_backward(rows, w)
+        ctx.seed, ctx.has_bias, ctx.shapes = (
+            seed,
+            bias is not None,
+            (x.shape, x.dtype, weight.dtype),
+        )
+        return y.reshape(*x.shape[:-1], y.shape[-1]).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_y):
+        rows, w = ctx.saved_tensors
+        x_shape, x_dtype, w_dtype = ctx.shapes
+        g = grad_y.reshape(-1, grad_y.shape[-1]).float()  # (tokens, out)
+        # dgrad: reduction over out; the gradient rounded stochastically
+        grad_x = _mx_fp4(g, ctx.seed) @ _mx_fp4(w.t()).t()
+        # wgrad: reduction over tokens, both operands rotated by a 16 x 16 random Hadamard
+        tokens = g.shape[0]
+        padded = -(-tokens // 16) * 16
+        g_pad = torch.nn.functional.pad(g, (0, 0, 0, padded - tokens))
+        x_pad = torch.nn.functional.pad(rows, (0, 0, 0, padded - tokens))
+        q = _random_hadamard(padded, 16, ctx.seed + 1, g.device)  # (tokens, tokens), orthogonal
+        g_rot = _mx_fp4((q.t() @ g_pad).t().contiguous(), ctx.seed + 2)  # (out, tokens)
+        x_rot = _mx_fp4((q.t() @ x_pad).t().contiguous())  # (in, tokens)
+        grad_w = g_rot @ x_rot.t()
+        grad_b = g.sum(0) if ctx.has_bias else None
+        return grad_x.reshape(x_shape).to(x_dtype), grad_w.to(w_dtype), grad_b, None
+
+
+class FP4TrainingLinear(nn.Module):
+    """A comparison recipe beyond the paper: FP4 training as 2025-26 hardware does it, emulated
+    in float32 (MXFP4 fake quantization, not a 4-bit GEMM).
+
+    Forward: MXFP4 X and W (E2M1, blocks of 32 along the reduction dimension, E8M0 scales),
+    round to nearest. Backward: the output gradient rounded stochastically (after the 3/4
+    shrink that keeps it unbiased); the weight-gradient GEMM, whose reduction runs over tokens,
+    rotates both operands by a 16 x 16 random Hadamard transform first (Tseng et al., "Training
+    LLMs with MXFP4", 2025; NVIDIA's NVFP4 recipe does the same with 16-element blocks). A new
+    seed per training step, as ``Int4Linear``. Not registered for saving: it is an experiment.
+    """
+
+    def __init__(self, linear: nn.Linear, seed: int = 0):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.weight = nn.Parameter(linear.weight.detach().clone())
+        self.bias = nn.Parameter(linear.bias.detach().clone()) if linear.bias is not None else None
+        self.seed, self.calls = int(seed), 0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        seed = 0
+        if self.training and torch.is_grad_enabled():
+            seed = _mix(self.seed, self.calls, _rank()) % (1 << 62)
+            self.calls += 1
+        return _FP4TrainingFunction.apply(x, self.weight, self.bias, seed)
+
+    def to_linear(self) -> nn.Linear:
+        lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
+        with torch.no_grad():
+            lin.weight.copy_(self.weight)
+            if self.bias is not None and lin.bias is not None:
+                lin.bias.copy_(self.bias)
+        return lin.to(self.weight.device)
+
+
 # ---- torch.distributed helpers (no-ops on one process) -------------------------------------------
 
 
@@ -332,6 +449,7 @@ def convert_for_training(
     layers: Callable[[str, nn.Linear], bool] | Iterable[str] | None = None,
     skip: tuple[str, ...] = ("lm_head", "classifier", "score", "qa_outputs"),
     progress: bool = True,
+    recipe: str = "int4",
     **options: Any,
 ) -> nn.Module:
     """Swap ``Int4Linear`` in for the linears of ``model`` (in place) and return it.
@@ -344,7 +462,10 @@ def convert_for_training(
             "v_proj"]``); ``None`` converts every linear not in ``skip``.
         skip: names kept in full precision (the heads, as in the paper's recipe).
         progress: a progress bar over the layers.
-        **options: ``Int4Linear``'s options (``bits``, ``sampling``, ``clip``, ``block``, ...).
+        recipe: ``"int4"`` (``Int4Linear``, the paper) or ``"mxfp4"`` (``FP4TrainingLinear``,
+            the FP4 recipe of current hardware, emulated: a comparison).
+        **options: ``Int4Linear``'s options (``bits``, ``sampling``, ``clip``, ``block``, ...);
+            only ``seed`` for ``"mxfp4"``.
 
     Swap back with ``lowbit.fast.convert.restore_linears(model)`` (the trained float weights).
     """
@@ -357,9 +478,20 @@ def convert_for_training(
     else:
         suffixes = tuple(layers)
         chosen = lambda name, linear: name.endswith(suffixes)  # noqa: E731
-    Int4Linear(1024, 1, **options)  # check the options once, before any layer is touched
+    if recipe not in ("int4", "mxfp4"):
+        raise ValueError(f"recipe={recipe!r} is invalid: use 'int4' (the paper) or 'mxfp4'")
+    if recipe == "mxfp4":
+        unknown = sorted(set(options) - {"seed"})
+        if unknown:
+            raise ValueError(f"recipe='mxfp4' takes only seed=, got {', '.join(unknown)}")
+    else:
+        Int4Linear(1024, 1, **options)  # check the options once, before any layer is touched
 
     def make(name: str, linear: nn.Linear) -> nn.Module | None:
-        return Int4Linear.from_linear(linear, **options) if chosen(name, linear) else None
+        if not chosen(name, linear):
+            return None
+        if recipe == "mxfp4":
+            return FP4TrainingLinear(linear, **options)
+        return Int4Linear.from_linear(linear, **options)
 
     return replace_linears(model, make, skip=skip, progress=progress)

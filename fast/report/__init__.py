@@ -43,7 +43,7 @@ from .frame import Row, Section, format_table
 from .frame import run_report as _run_sections
 
 # One line per method: the section modules, in report order.
-SECTION_MODULES = ("formats", "llm_int8", "fpq", "omniquant")
+SECTION_MODULES = ("formats", "llm_int8", "fpq", "omniquant", "int4_training")
 
 SECTIONS: dict[str, Section] = {}
 for _name in SECTION_MODULES:

@@ -72,6 +72,7 @@ class ReportContext(Protocol):
     progress: bool
     quick: bool
     figures: dict[str, bytes]
+    tokenizer: Any
 
     def linears(self, model: nn.Module | None = None) -> dict[str, nn.Linear]: ...
 
@@ -82,6 +83,10 @@ class ReportContext(Protocol):
     def calib_batches(self, batch_size: int | None = None, passages: int | None = None) -> list: ...
 
     def evaluate(self, model: nn.Module) -> float: ...
+
+    def token_batches(
+        self, seq_len: int = 64, batch_size: int = 8, split: str = "calib"
+    ) -> Iterator[torch.Tensor]: ...
 
 
 class Context:

@@ -50,6 +50,9 @@ class Row:
     size_mb: float  # weights of the quantized linears as stored
     seconds: float  # wall time of quantization + evaluation for this row
     note: str = ""
+    # what ``quality`` measures when it is not the report's metric (e.g. "accuracy" for a
+    # training experiment); such rows are left out of the quality-vs-bits plot
+    metric: str | None = None
 
 
 @dataclass(frozen=True)
@@ -146,7 +149,10 @@ def format_table(rows: Sequence[Row], quality_name: str = "quality") -> str:
     headers = [quality_name if key == "quality" else title for key, title in _COLUMNS]
     lines = ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
     for row in rows:
-        lines.append("| " + " | ".join(_cell(k, getattr(row, k)) for k, _ in _COLUMNS) + " |")
+        cells = [_cell(k, getattr(row, k)) for k, _ in _COLUMNS]
+        if row.metric is not None:
+            cells[[k for k, _ in _COLUMNS].index("quality")] += f" ({row.metric})"
+        lines.append("| " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 
@@ -217,6 +223,7 @@ def _quality_plot(rows: Sequence[Row], quality_name: str, higher_is_better: bool
     """Quality against bits per weight: one point per row, coloured by method (the Pareto view)."""
     plt = pyplot()
     figure, axis = plt.subplots(figsize=(8, 5))
+    rows = [r for r in rows if r.metric is None]  # other metrics have their own figures
     methods = list(dict.fromkeys(r.method for r in rows))
 
     def kind(r: Row) -> str:
