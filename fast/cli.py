@@ -92,7 +92,7 @@ def _parser() -> _Parser:
         "--quick",
         action="store_true",
         help="smoke test: every section on tiny calibration settings (4 calibration and 8 "
-        "evaluation passages, a minimal search); about a minute on 2 cores, numbers not meaningful",
+        "evaluation passages, a minimal search, a few training steps); about 80 s on 2 cores, numbers not meaningful",
     )
     report.add_argument("--no-progress", action="store_true", help="hide progress bars")
     train = commands.add_parser(
