@@ -541,14 +541,18 @@ def lss_grad_input(
     return _grad_input(F, S, sig, q_w, s_w, nb, sampling, _check_seed(seed))
 
 
-def _backward_parts(g_w, x_h, w_h, s_x, s_w, bits, sampling, clip, seed, rounding, residual):
+def _backward_parts(
+    g_w, x_h, w_h, s_x, s_w, bits, sampling, clip, seed, rounding, residual, codes=None
+):
     """The layer's backward on working-precision tensors already in the Hadamard domain:
     (grad X~, grad W~, grad s_x, grad s_w). Shared by ``int4_linear_backward`` and
-    ``Int4Linear``'s autograd Function (which skips the argument checks)."""
+    ``Int4Linear``'s autograd Function (which skips the argument checks and passes the
+    forward's ``codes`` (q_x, q_w) instead of having them encoded again)."""
     Qn, Qp = _levels(bits)
     v_x, v_w = x_h / s_x, w_h / s_w
-    q_x = _round(v_x, rounding).clamp_(-Qn, Qp).to(torch.int8)
-    q_w = _round(v_w, rounding).clamp_(-Qn, Qp).to(torch.int8)
+    if codes is None:
+        codes = (_encode(x_h, s_x, Qn, Qp, rounding), _encode(w_h, s_w, Qn, Qp, rounding))
+    q_x, q_w = codes
     F, S, sigma = _bit_split(g_w, bits, clip, seed, residual)
     nb, _ = _split_bins(bits)
     grad_x_h = _grad_input(F, S, sigma, q_w, s_w, nb, sampling, seed)

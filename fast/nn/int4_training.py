@@ -52,8 +52,9 @@ def _poison(*tensors: torch.Tensor) -> torch.Tensor:
     """0 when every tensor is finite, NaN otherwise (a 0-d tensor: no device sync)."""
     finite = torch.ones((), dtype=torch.bool, device=tensors[0].device)
     for t in tensors:
-        if t.numel():
-            finite = finite & torch.isfinite(t.amax()) & torch.isfinite(t.amin())
+        if t.numel():  # one pass: NaN propagates into min and max, +-Inf shows in them
+            low, high = torch.aminmax(t)
+            finite = finite & torch.isfinite(low) & torch.isfinite(high)
     return torch.where(finite, 0.0, math.nan)
 
 
@@ -75,7 +76,7 @@ class _Int4LinearFunction(torch.autograd.Function):
         y = y + _poison(rows, weight.detach())
         if bias is not None:
             y = y + bias.detach().to(work)
-        ctx.save_for_backward(x_h, w_h, s_x, s_w, step_x.detach(), step_w.detach())
+        ctx.save_for_backward(x_h, w_h, q_x, q_w, s_x, s_w, step_x.detach(), step_w.detach())
         ctx.options = (block, bits, layer.sampling, layer.clip, rounding)
         ctx.residual, ctx.seed = layer.residual, seed
         ctx.bias_dtype = None if bias is None else bias.dtype
@@ -84,7 +85,7 @@ class _Int4LinearFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y):
-        x_h, w_h, s_x, s_w, step_x, step_w = ctx.saved_tensors
+        x_h, w_h, q_x, q_w, s_x, s_w, step_x, step_w = ctx.saved_tensors
         block, bits, sampling, clip, rounding = ctx.options
         x_shape, x_dtype, w_dtype = ctx.shapes
         g = grad_y.reshape(-1, grad_y.shape[-1]).to(x_h.dtype)
@@ -92,7 +93,18 @@ class _Int4LinearFunction(torch.autograd.Function):
         poison = _poison(g)
         g_clean = torch.nan_to_num(g, nan=0.0, posinf=0.0, neginf=0.0)
         grad_x_h, grad_w_h, grad_s_x, grad_s_w = _int4._backward_parts(
-            g_clean, x_h, w_h, s_x, s_w, bits, sampling, clip, ctx.seed, rounding, ctx.residual
+            g_clean,
+            x_h,
+            w_h,
+            s_x,
+            s_w,
+            bits,
+            sampling,
+            clip,
+            ctx.seed,
+            rounding,
+            ctx.residual,
+            codes=(q_x, q_w),
         )
         grad_x = (block_hadamard(grad_x_h, block) + poison).reshape(x_shape).to(x_dtype)
         grad_w = (block_hadamard(grad_w_h, block) + poison).to(w_dtype)
