@@ -1,4 +1,4 @@
-"""Build a regular wheel and check it holds every module of reference/, fast/ and kernels/.
+"""Build a regular wheel and check it holds every module of lowbit/.
 
 An editable install imports subpackages that a regular install would miss (DESIGN.md section 1),
 so CI checks the wheel's file list against the source tree.
@@ -30,16 +30,15 @@ with tempfile.TemporaryDirectory() as tmp:
     (wheel,) = pathlib.Path(tmp).glob("lowbit-*.whl")
     names = set(zipfile.ZipFile(wheel).namelist())
 missing = []
-for folder in ("reference", "fast", "kernels"):
-    for path in (root / folder).rglob("*"):
-        if (
-            path.is_file()
-            and (path.suffix in (".py", ".typed", ".txt"))
-            and "__pycache__" not in path.parts
-        ):
-            rel = path.relative_to(root / folder).as_posix()
-            if f"lowbit/{folder}/{rel}" not in names:
-                missing.append(f"{folder}/{rel}")
+for path in (root / "lowbit").rglob("*"):
+    if (
+        path.is_file()
+        and path.suffix in (".py", ".typed", ".txt")
+        and "__pycache__" not in path.parts
+    ):
+        rel = path.relative_to(root).as_posix()
+        if rel not in names:
+            missing.append(rel)
 if missing:
     sys.exit(
         f"the regular install misses {len(missing)} file(s): {missing[:10]} (update pyproject.toml)"

@@ -29,6 +29,7 @@ import ml_dtypes
 import numpy as np
 import torch
 from _common import cold_numba_compile_seconds, interleaved, med, write_results
+
 from lowbit.fast import formats as fast
 from lowbit.reference import formats as ref
 
@@ -142,6 +143,7 @@ def gpu_section(quick: bool) -> tuple[dict, list[tuple[str, str, float, str]]]: 
     """M4 / M5 on CUDA. Bytes: fake quant reads and writes 2 bytes per bf16 element; encode +
     pack reads 2 and writes bits/8 (+ 1/32 for MX scales); copy moves 2 + 2."""
     import triton
+
     from lowbit.kernels import formats as kf
 
     n = (1 << 24) if quick else (1 << 27)  # 128M bf16 = 256 MiB

@@ -37,6 +37,7 @@ import platform
 import numpy as np
 import torch
 from _common import interleaved, med, write_results
+
 from lowbit.fast import fpq as fast
 from lowbit.reference import fpq as ref
 from lowbit.reference.formats import FPFormat
@@ -333,6 +334,7 @@ def search_section(quick: bool) -> tuple[dict, list[tuple[str, str, float, str]]
 
 def gpu_section(quick: bool) -> tuple[dict, list[tuple[str, str, float, str]]]:
     import triton.testing
+
     from lowbit.kernels import fpq as kernels
 
     bench = lambda fn: triton.testing.do_bench(fn, return_mode="median")  # noqa: E731  ms, L2 flushed

@@ -27,6 +27,7 @@ import platform
 import numpy as np
 import torch
 from _common import interleaved, med, write_results
+
 from lowbit.fast import hadamard as fast_h
 from lowbit.fast import int4_training as fast
 from lowbit.fast.nn.int4_training import Int4Linear
@@ -129,8 +130,9 @@ def layer_section(repeat: int) -> tuple[dict, list[Row]]:
 
 
 def gpu_section(quick: bool) -> tuple[dict, list[Row]]:  # pragma: no cover
-    from lowbit.kernels import int4_training as kernels
     from triton.testing import do_bench
+
+    from lowbit.kernels import int4_training as kernels
 
     dev = "cuda"
     raw: dict = {"device": torch.cuda.get_device_name()}

@@ -23,6 +23,7 @@ import platform
 import numpy as np
 import torch
 from _common import cold_numba_compile_seconds, interleaved, med, write_results
+
 from lowbit.fast import llm_int8 as fast
 from lowbit.reference import llm_int8 as ref
 
@@ -134,9 +135,10 @@ def gpu_section(
     quick: bool,
 ) -> tuple[dict, list[tuple[str, str, float, str]]]:  # pragma: no cover - GPU only
     import triton
+    from triton.testing import do_bench
+
     from lowbit.fast.nn import Linear8bitLt
     from lowbit.kernels.int8 import int8_linear, rowwise_quant
-    from triton.testing import do_bench
 
     dev = "cuda"
     rows: list[tuple[str, str, float, str]] = []

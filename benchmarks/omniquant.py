@@ -22,6 +22,7 @@ import time
 import numpy as np
 import torch
 from _common import interleaved, med, write_results
+
 from lowbit.fast import omniquant as fast
 from lowbit.reference import omniquant as ref
 
@@ -148,9 +149,10 @@ def peak_memory_section(quick: bool) -> tuple[dict, list[tuple[str, str, float, 
 
 
 def gpu_section(quick: bool) -> tuple[dict, list[tuple[str, str, float, str]]]:  # pragma: no cover
+    from triton.testing import do_bench
+
     from lowbit.fast.nn.omniquant import OmniQuantLinear
     from lowbit.kernels import omniquant as kernels
-    from triton.testing import do_bench
 
     dev = "cuda"
     rows: list[tuple[str, str, float, str]] = []

@@ -2,11 +2,9 @@
 
 Registered in mkdocs.yml (``hooks: [docs/hooks.py]``). At build time they
 
-* build ``.docs-pkg/lowbit/{reference,fast,kernels}``: symlinks to the source folders, so that
-  mkdocstrings (griffe reads source files; it does not run the editable install's import hook)
-  finds ``lowbit.*`` from a clean clone; mkdocs.yml points mkdocstrings at ``paths: [.docs-pkg]``;
 * generate ``formats.md`` from the format registry (``docs/gen_formats_page.py``);
-* generate one API page per module name found in reference/, fast/ and kernels/ (so a page exists
+* generate one API page per module name found in lowbit/reference/, lowbit/fast/ and
+  lowbit/kernels/ (so a page exists
   exactly for the modules that exist), and add them and the tutorials to the nav;
 * add every ``tutorials/NN-*.py`` as a page, which mkdocs-jupyter renders (executing it unless
   ``LOWBIT_DOCS_EXECUTE=false``), with progress bars and library chatter off (they would show as
@@ -24,7 +22,6 @@ import importlib.util
 import logging
 import os
 import re
-import tempfile
 from pathlib import Path
 
 from mkdocs.plugins import event_priority
@@ -33,8 +30,8 @@ from mkdocs.structure.files import File, Files
 log = logging.getLogger("mkdocs.hooks.lowbit")
 
 ROOT = Path(__file__).resolve().parent.parent
-SUBPACKAGES = ("reference", "fast", "kernels")  # folder == lowbit.<name>
-LINK_TREE = ROOT / ".docs-pkg"
+PACKAGE = ROOT / "lowbit"
+SUBPACKAGES = ("reference", "fast", "kernels")  # lowbit/<name>/ == lowbit.<name>
 TUTORIAL_PATTERN = re.compile(r"^(\d\d)-[\w-]+\.py$")
 NAV_INSERT_BEFORE = "Benchmarks"  # the generated nav sections go in front of this entry
 MATHJAX_URI = "javascripts/mathjax/tex-svg.js"  # mkdocs.yml's extra_javascript names it
@@ -82,29 +79,14 @@ def _load_generator():
     return module
 
 
-def build_link_tree() -> None:
-    """``.docs-pkg/lowbit/<sub>`` -> ``<sub>/`` (relative symlinks, replaced atomically)."""
-    package = LINK_TREE / "lowbit"
-    package.mkdir(parents=True, exist_ok=True)
-    for sub in SUBPACKAGES:
-        link = package / sub
-        target = os.path.relpath(ROOT / sub, package)
-        if link.is_symlink() and os.readlink(link) == target:
-            continue
-        tmp = Path(tempfile.mkdtemp(dir=package)) / "link"
-        os.symlink(target, tmp)
-        os.replace(tmp, link)
-        tmp.parent.rmdir()
-
-
 def api_modules() -> dict[str, list[str]]:
     """Module name -> subpackages that define it, for public modules (no leading underscore)."""
     found: dict[str, list[str]] = {}
     for sub in SUBPACKAGES:
         # modules (name.py) and packages (name/__init__.py: nn, report)
         paths = [
-            *(ROOT / sub).glob("*.py"),
-            *(p.parent for p in (ROOT / sub).glob("*/__init__.py")),
+            *(PACKAGE / sub).glob("*.py"),
+            *(p.parent for p in (PACKAGE / sub).glob("*/__init__.py")),
         ]
         for path in sorted(paths, key=lambda p: p.stem):
             if not path.stem.startswith("_"):
@@ -157,7 +139,7 @@ def api_page(stem: str, subs: list[str]) -> str:
         # a package (fast/nn/: one file per method): each public submodule gets its section
         rank = {name: i for i, name in enumerate(API_TITLES)}
         submodules = sorted(
-            (ROOT / sub / stem).glob("[!_]*.py"),
+            (PACKAGE / sub / stem).glob("[!_]*.py"),
             key=lambda p: (rank.get(p.stem, len(rank)), p.stem),
         )
         for path in submodules:
@@ -172,11 +154,10 @@ def api_page(stem: str, subs: list[str]) -> str:
     return "\n".join(lines)
 
 
-@event_priority(100)  # before mkdocstrings' on_config, which fixes its search paths
+@event_priority(100)  # the quiet environment is set before other plugins start
 def on_config(config):
     for key, value in QUIET_ENV.items():
         os.environ.setdefault(key, value)
-    build_link_tree()
     nav = config.nav
     if nav is None:
         return config

@@ -24,8 +24,8 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 import pytest
-from lowbit.reference import formats as F
 
+from lowbit.reference import formats as F
 from tests.strategies import ML_DTYPES
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -286,7 +286,7 @@ def test_site_builds_strict_with_docstrings(tmp_path):
     """`mkdocs build --strict` without executing the tutorials (CI builds with them)."""
     site = _build_site(tmp_path, execute=False)
     api = _text((site / "api" / "formats" / "index.html").read_text(encoding="utf-8"))
-    # the docstrings reached the page: griffe found lowbit.* through the .docs-pkg link tree
+    # the docstrings reached the page: griffe found lowbit.* in the source tree
     for function in (F.encode, F.quantize_mx, F.FPFormat):
         assert _first_line(function.__doc__) in api, f"docstring of {function.__name__} missing"
     fast = importlib.import_module("lowbit.fast.formats")

@@ -16,9 +16,9 @@ import ml_dtypes
 import numpy as np
 import pytest
 import torch
+
 from lowbit.fast import formats as F
 from lowbit.reference import formats as R
-
 from tests.harness import to_numpy, to_torch
 from tests.strategies import ML_DTYPES, random_fp32
 

@@ -15,8 +15,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 import torch
-from lowbit.reference import formats as R
 
+from lowbit.reference import formats as R
 from tests.harness import to_numpy, to_torch
 from tests.strategies import random_fp32
 

@@ -16,11 +16,11 @@ import pytest
 import torch
 from hypothesis import assume, given, settings
 from hypothesis import strategies as st
+
 from lowbit.fast import fpq as F
 from lowbit.reference import formats
 from lowbit.reference import fpq as R
 from lowbit.reference.formats import FPFormat
-
 from tests.harness import compare
 from tests.strategies import float_arrays, fpq_formats, values_for
 from tests.tolerances import EXACT, MATMUL

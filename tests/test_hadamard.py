@@ -6,9 +6,9 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+
 from lowbit.fast import hadamard as F
 from lowbit.reference import hadamard as R
-
 from tests.tolerances import MatmulTier
 
 SIZES = [1, 2, 4, 8, 64, 128, 1024]

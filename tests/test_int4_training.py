@@ -14,6 +14,7 @@ import math
 import numpy as np
 import pytest
 import torch
+
 from lowbit.fast import int4_training as F
 from lowbit.reference import int4_training as R
 from lowbit.reference.hadamard import block_hadamard

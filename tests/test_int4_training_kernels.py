@@ -9,6 +9,7 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from lowbit.fast import int4_training as F
 from lowbit.fast.hadamard import block_hadamard
 from lowbit.fast.nn.int4_training import Int4Linear

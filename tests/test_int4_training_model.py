@@ -10,13 +10,14 @@ import tempfile
 
 import pytest
 import torch
+from torch import nn
+
 from lowbit.fast import int4_training as F
 from lowbit.fast.convert import load_quantized, restore_linears, save_quantized
 from lowbit.fast.hadamard import block_hadamard
 from lowbit.fast.nn import QUANTIZED_MODULES
 from lowbit.fast.nn import int4_training as N
 from lowbit.fast.nn.int4_training import Int4Linear, convert_for_training
-from torch import nn
 
 
 def _layer(seed=0, n_in=64, out=24, **options):

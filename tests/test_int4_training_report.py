@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+
 from lowbit.fast import cli, report
 from lowbit.fast.nn.int4_training import Int4Linear
 from lowbit.fast.report import int4_training as section

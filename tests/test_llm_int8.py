@@ -9,9 +9,9 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from lowbit.fast import llm_int8 as F
 from lowbit.reference import llm_int8 as R
-
 from tests.harness import assert_matches_reference, to_torch
 from tests.pairs import PAIRS
 from tests.pairs.llm_int8 import llm_int8_matmul_calls, llm_int8_naive_matmul, llm_int8_x_arrays

@@ -12,6 +12,7 @@ from importlib import resources
 
 import pytest
 import torch
+
 from lowbit.fast import data, models
 from lowbit.fast.models import ModelNotInstalled
 

@@ -12,11 +12,13 @@ import pkgutil
 import warnings
 from pathlib import Path
 
-import lowbit.fast
-import lowbit.fast.nn as qnn
 import numpy as np
 import pytest
 import torch
+from torch import nn
+
+import lowbit.fast
+import lowbit.fast.nn as qnn
 from lowbit.fast import llm_int8 as F
 from lowbit.fast.convert import (
     conv1d_to_linear,
@@ -33,8 +35,6 @@ from lowbit.fast.nn import (
     register_module,
 )
 from lowbit.reference import llm_int8 as R
-from torch import nn
-
 from tests.pairs import PAIRS
 from tests.tolerances import MATMUL
 

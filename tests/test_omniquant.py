@@ -11,6 +11,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+
 from lowbit.fast import omniquant as F
 from lowbit.fast import uniform as FU
 from lowbit.reference import omniquant as R

@@ -9,9 +9,9 @@ import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
 from lowbit.fast import omniquant as F
 from lowbit.fast.nn.omniquant import OmniQuantLinear
-
 from tests.tolerances import MATMUL
 
 

@@ -9,12 +9,13 @@ import copy
 
 import pytest
 import torch
+from torch import nn
+
 from lowbit.fast import omniquant as F
 from lowbit.fast.convert import load_quantized, save_quantized
 from lowbit.fast.models import block_output, capture_block_inputs, transformer_blocks
 from lowbit.fast.nn import omniquant as noq
 from lowbit.fast.nn.omniquant import OmniQuantLinear, calibrate, quantize_attention_inputs
-from torch import nn
 
 transformers = pytest.importorskip("transformers")
 

@@ -9,12 +9,12 @@ import pkgutil
 import re
 from pathlib import Path
 
-import lowbit.fast
-import lowbit.reference
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+import lowbit.fast
+import lowbit.reference
 from tests.harness import assert_matches_reference
 from tests.pairs import PAIRS, TORCH_ONLY_MODULES
 
@@ -170,6 +170,7 @@ def test_every_tensor_taking_fast_function_is_covered_below():
     (the first tensor parameter is named)."""
     import numpy as np
     import torch
+
     from lowbit.fast import fpq
 
     by_hand = set(TAKES_TENSORS) - {op for op, p in PAIRS.items() if p.tested_in is None}

@@ -40,6 +40,7 @@ def test_readme_hugging_face_example_quantizes_saves_and_loads(tmp_path, monkeyp
     """The "Quantize a Hugging Face model" block as written: every linear becomes a
     Linear8bitLt, and the model loaded back computes what the quantized one computes."""
     import torch
+
     from lowbit.fast.nn import Linear8bitLt
 
     monkeypatch.chdir(tmp_path)

@@ -17,6 +17,7 @@ import ml_dtypes
 import numpy as np
 import pytest
 import torch
+
 from lowbit.fast import cli, report
 from lowbit.fast import uniform as F_uniform
 from lowbit.fast.models import ModelNotInstalled

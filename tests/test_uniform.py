@@ -18,9 +18,9 @@ import pytest
 import torch
 from hypothesis import given
 from hypothesis import strategies as st
+
 from lowbit.fast import uniform as F
 from lowbit.reference import uniform as R
-
 from tests.harness import to_numpy, to_torch
 
 BF16 = np.dtype(ml_dtypes.bfloat16)

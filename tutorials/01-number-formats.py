@@ -42,6 +42,7 @@ import time
 import matplotlib.pyplot as plt
 import ml_dtypes
 import numpy as np
+
 from lowbit.reference import formats as ref
 from lowbit.reference.formats import FPFormat
 

@@ -37,6 +37,7 @@ import time
 import matplotlib.pyplot as plt
 import numpy as np
 import torch
+
 from lowbit.fast import llm_int8 as fast
 from lowbit.fast.convert import replace_linears
 from lowbit.fast.data import load_texts

@@ -41,6 +41,7 @@ import time
 
 import matplotlib.pyplot as plt
 import numpy as np
+
 from lowbit.fast import fpq as fast
 from lowbit.reference import fpq as ref
 from lowbit.reference.formats import FPFormat

@@ -47,6 +47,7 @@ import time
 
 import matplotlib.pyplot as plt
 import numpy as np
+
 from lowbit.fast import omniquant as fast
 from lowbit.reference import omniquant as ref
 

@@ -46,6 +46,7 @@ import time
 
 import matplotlib.pyplot as plt
 import numpy as np
+
 from lowbit.fast import int4_training as fast
 from lowbit.fast.nn.int4_training import convert_for_training
 from lowbit.reference import hadamard as H

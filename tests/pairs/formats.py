@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 from hypothesis import strategies as st
-from lowbit.reference.formats import FPFormat, parse_format
 
+from lowbit.reference.formats import FPFormat, parse_format
 from tests.pairs import Call, Pair, register
 from tests.strategies import (
     _cast,

@@ -78,6 +78,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
 from lowbit.reference.formats import FPFormat, _check_code_range
 
 __all__ = [

@@ -18,9 +18,10 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from torch import nn
+
 from lowbit.fast import omniquant as oq
 from lowbit.fast.nn.omniquant import OmniQuantLinear, calibrate
-from torch import nn
 
 from .context import ReportContext
 from .frame import Row, Section, mean, rel_err

@@ -44,6 +44,7 @@ import math
 
 import numpy as np
 import torch
+
 from lowbit.fast._tensors import takes_tensors
 from lowbit.kernels import on_triton_device
 from lowbit.reference.formats import (

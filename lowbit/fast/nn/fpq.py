@@ -10,9 +10,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import nn
+
 from lowbit.fast.nn import QuantizedLinear, register_module
 from lowbit.kernels import on_triton_device
-from torch import nn
 
 __all__ = ["FPQLinear"]
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 import math
 
 import torch
+
 from lowbit.fast._tensors import takes_tensors
 from lowbit.reference.hadamard import _check_power_of_two, block_sizes
 

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+
 from lowbit.fast._tensors import takes_tensors
 from lowbit.kernels import on_triton_device
 from lowbit.reference.omniquant import (

@@ -30,10 +30,11 @@ from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Protocol, runtime_checkable
 
 import torch
+from torch import nn
+
 from lowbit.fast import data as text_data
 from lowbit.fast import models as real_models
 from lowbit.fast.models import BlockInputs
-from torch import nn
 
 __all__ = [
     "MODELS",

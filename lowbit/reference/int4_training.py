@@ -61,6 +61,7 @@ import math
 import numbers
 
 import numpy as np
+
 from lowbit.reference.hadamard import block_hadamard, block_sizes
 
 __all__ = [

@@ -12,10 +12,11 @@ import time
 from typing import Any
 
 import torch
+from torch import nn
+
 from lowbit.fast import formats as fast_formats
 from lowbit.fast import uniform
 from lowbit.reference import formats as ref_formats
-from torch import nn
 
 from .context import ReportContext
 from .frame import Row, Section, bits_with_row_scales, mean, rel_err

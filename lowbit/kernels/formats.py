@@ -27,6 +27,7 @@ import os
 import torch
 import triton
 import triton.language as tl
+
 from lowbit.reference.formats import E8M0FNU, FPFormat, IntFormat, parse_format
 
 __all__ = ["quantize", "encode", "encode_pack", "encode_mx", "quantize_mx"]

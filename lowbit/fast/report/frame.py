@@ -16,9 +16,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
+
 from lowbit.fast import data as text_data
 from lowbit.fast._io import atomic_write_bytes
-from torch import nn
 
 from .context import DEFAULT_SIZES, MODELS, QUICK_SIZES, Context, ReportContext, build_context
 

@@ -20,6 +20,7 @@ import math
 import numbers
 
 import torch
+
 from lowbit.fast._tensors import takes_tensors
 from lowbit.fast.hadamard import block_hadamard
 from lowbit.kernels import on_triton_device

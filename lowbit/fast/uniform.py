@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+
 from lowbit.fast._tensors import takes_tensors
 from lowbit.reference.uniform import (  # constants, checks, shape helpers: shared
     GRANULARITIES,

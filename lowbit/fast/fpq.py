@@ -21,6 +21,7 @@ from typing import Any
 
 import numpy as np
 import torch
+
 from lowbit.fast._tensors import takes_tensors
 from lowbit.fast.formats import _codes_in_range
 from lowbit.kernels import on_triton_device

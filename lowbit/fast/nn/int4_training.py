@@ -27,12 +27,13 @@ from collections.abc import Callable, Iterable
 from typing import Any
 
 import torch
+from torch import nn
+
 from lowbit.fast import int4_training as _int4
 from lowbit.fast.hadamard import block_hadamard
 from lowbit.fast.nn import register_module
 from lowbit.reference.hadamard import block_sizes
 from lowbit.reference.int4_training import _CLIPS, _RESIDUALS, _ROUNDINGS, _check_choice, _levels
-from torch import nn
 
 __all__ = ["Int4Linear", "FP4TrainingLinear", "convert_for_training"]
 

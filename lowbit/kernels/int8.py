@@ -303,7 +303,7 @@ def int8_linear(
         block_n = 32 if interp else 128
     if block_k is None:
         block_k = 32 if interp else 128
-    xf = x if has_outliers else codes_x
+    xf = x if has_outliers and x is not None else codes_x
     wf = w_full if w_full is not None else codes_w
     dot_f32 = interp or (xf.dtype == torch.float32) or (xf.dtype == torch.float64)
     if has_outliers and not dot_f32 and w_full is not None and w_full.dtype != xf.dtype:

@@ -45,15 +45,16 @@ import sys
 import time
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, cast
 
 import torch
+from torch import nn
+
 from lowbit.fast import formats
 from lowbit.fast import models as real_models
 from lowbit.fast import omniquant as oq
 from lowbit.fast.nn import QuantizedLinear, register_module
 from lowbit.reference.omniquant import _check_bits, _check_group_size, _diverged
-from torch import nn
 
 __all__ = ["OmniQuantLinear", "BlockReport", "CalibrationReport", "calibrate"]
 __all__ += ["quantize_attention_inputs", "LLAMA_FAMILY", "BERT_FAMILY"]
@@ -496,7 +497,7 @@ class _Plan:
                 ("input_layernorm", "qkv_scale", ("q", "k", "v")),
                 ("post_attention_layernorm", "fc1_scale", ("gate", "up")),
             ):
-                weight = self.block.get_submodule(norm).weight
+                weight = cast(torch.Tensor, self.block.get_submodule(norm).weight)
                 nw, _, ws, bs = oq.let_norm_linears(
                     weight, None, [W[k] for k in keys], [B[k] for k in keys], p[scale]
                 )

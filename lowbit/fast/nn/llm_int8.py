@@ -9,9 +9,10 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch import nn
+
 from lowbit.fast import llm_int8 as _llm_int8
 from lowbit.fast.nn import QuantizedLinear, register_module
-from torch import nn
 
 __all__ = ["Linear8bitLt"]
 

@@ -28,6 +28,7 @@ import math
 from collections.abc import Sequence
 
 import torch
+
 from lowbit.fast._tensors import takes_tensors
 from lowbit.kernels import on_triton_device
 

@@ -16,13 +16,15 @@ from __future__ import annotations
 import math
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
+from torch import nn
+
 from lowbit.fast import fpq, uniform
 from lowbit.fast.convert import replace_linears
 from lowbit.fast.nn import FPQLinear
 from lowbit.reference.formats import FPFormat
-from torch import nn
 
 from .context import ReportContext
 from .frame import FakeQuantLinear, Row, Section, mean, rel_err
@@ -57,7 +59,7 @@ def fpq_rows(ctx: ReportContext) -> list[Row]:
     inputs = ctx.calib_inputs()
     names = [n for n in fp_linears if n in inputs]
     counts = [fp_linears[n].weight.numel() for n in names]
-    settings = FPQ_SEARCH_QUICK if ctx.quick else FPQ_SEARCH
+    settings: dict[str, Any] = FPQ_SEARCH_QUICK if ctx.quick else FPQ_SEARCH
     search_note = (
         f"search: {settings['n_candidates'] + 1} candidates, {settings['rounds']} rounds, "
         f"<= {settings['max_tokens']} tokens (code: 101, 3, all); embeddings not quantized"

@@ -35,9 +35,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch import nn
+
 from lowbit.fast.data import CALIB_PLAYS, EVAL_PLAYS, load_texts, play_passages
 from lowbit.fast.nn.int4_training import convert_for_training
-from torch import nn
 
 from .context import ReportContext
 from .frame import Row, Section, png, pyplot

@@ -50,6 +50,7 @@ from __future__ import annotations
 import math
 import numbers
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
@@ -632,12 +633,12 @@ def _adam(params, loss_and_grads, steps: int, lr: dict, name: str, lwc_lr: float
 @dataclass
 class LinearCalibration:
     """What ``calibrate_linear`` learned: the parameters (None where not trained) and the loss
-    at every step (before the step's update)."""
+    at every step (before the step's update). They are torch tensors in lowbit.fast."""
 
-    scale: np.ndarray | None
-    shift: np.ndarray | None
-    gamma: np.ndarray | None
-    beta: np.ndarray | None
+    scale: Any
+    shift: Any
+    gamma: Any
+    beta: Any
     losses: list[float]
 
 

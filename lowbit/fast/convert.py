@@ -34,8 +34,9 @@ from collections.abc import Callable, Iterable
 from typing import cast
 
 import torch
-from lowbit.fast._io import atomic_write_bytes
 from torch import nn
+
+from lowbit.fast._io import atomic_write_bytes
 
 __all__ = [
     "replace_linears",
@@ -215,8 +216,9 @@ def load_quantized(model: nn.Module, path: str | os.PathLike) -> nn.Module:
     to a quantized module (codes stored as float would otherwise be truncated silently). Other
     floating-point tensors may be stored in another float dtype, as ``load_state_dict`` allows.
     """
-    from lowbit.fast.nn import QUANTIZED_MODULES
     from safetensors import SafetensorError, safe_open
+
+    from lowbit.fast.nn import QUANTIZED_MODULES
 
     path = os.fspath(path)
     where = f"load_quantized: {path!r}"

@@ -13,6 +13,7 @@ from __future__ import annotations
 import time
 
 import torch
+
 from lowbit.fast import llm_int8 as int8
 from lowbit.fast import uniform
 from lowbit.fast.convert import replace_linears
@@ -137,13 +138,11 @@ def llm_int8_rows(ctx: ReportContext) -> list[Row]:
             w_err = mean(errs)
             act = act_err_vectorwise(tau)
             wbits = bits_with_row_scales(8, widths, counts)
-            replace_linears(
-                model,
-                lambda name, lin, tau=tau: (
-                    Linear8bitLt.from_linear(lin, threshold=tau) if name in fp_linears else None
-                ),
-                progress=False,
-            )
+
+            def to_int8(name, lin, tau=tau):
+                return Linear8bitLt.from_linear(lin, threshold=tau) if name in fp_linears else None
+
+            replace_linears(model, to_int8, progress=False)
         quality = ctx.evaluate(model)
         rows.append(
             Row(

@@ -21,7 +21,7 @@ Modules: ``Linear8bitLt`` (LLM.int8(), arXiv 2208.07339, ``lowbit.fast.nn.llm_in
 (OmniQuant, arXiv 2308.13137, ``lowbit.fast.nn.omniquant``, which also holds its block-wise
 ``calibrate``) and the trainable ``Int4Linear`` (4-bit training, arXiv 2306.11987,
 ``lowbit.fast.nn.int4_training``, with ``convert_for_training``). Adding a method: write
-``fast/nn/<method>.py`` with its class decorated by ``@register_module``, and add one import line
+``lowbit/fast/nn/<method>.py`` with its class decorated by ``@register_module``, and add one import line
 at the bottom of this file (it registers the class and re-exports it from ``lowbit.fast.nn``).
 """
 
