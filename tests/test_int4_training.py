@@ -212,6 +212,18 @@ def test_zero_and_empty_gradients_split_into_zeros():
         assert not Ft.any() and not St.any() and torch.isfinite(sigt)
 
 
+@pytest.mark.parametrize("residual", ["stochastic", "nearest"])
+def test_large_gradients_split_like_the_reference_across_cpu_chunks(residual):
+    """The torch split runs in chunks of 2^17 values on CPU; a (700, 513) gradient spans
+    three chunks and a ragged tail, and every chunk must draw the reference's uniforms."""
+    g = np.random.default_rng(5).standard_normal((700, 513)).astype(np.float32)
+    g[3, 7] = 40.0  # one large value, clipped by the code variant
+    for clip in ("code", "full"):
+        ref = R.bit_split(g, clip=clip, seed=11, residual=residual)
+        fast = F.bit_split(T(g), clip=clip, seed=11, residual=residual)
+        assert all(np.array_equal(a, b.numpy()) for a, b in zip(ref, fast))
+
+
 # ---- leverage-score sampling ---------------------------------------------------------------------------
 
 

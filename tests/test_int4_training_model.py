@@ -438,3 +438,107 @@ def test_a_half_precision_layer_trains():
     layer(x).float().sum().backward()
     for p in layer.parameters():
         assert p.grad is not None and p.grad.dtype == torch.bfloat16
+
+
+# ---- embedding outputs (convert_for_training(embeddings=True)) -----------------------------------
+
+
+def test_embedding_output_is_the_hadamard_quantizer_with_lsq_gradients():
+    """Int4Embedding computes Q(e H) H^T with the fast functions, and its gradients are LSQ's
+    (lsq_quantize_grad) carried back through the transform, against an independent autograd
+    form: e^ = H^T (s · (clamp(v) + stop_grad(round(clamp(v)) - clamp(v)))), v = e H / s, with
+    s's gradient scaled by 1 / sqrt(numel Qp)."""
+    torch.manual_seed(0)
+    table = nn.Embedding(30, 64)
+    emb = N.Int4Embedding(table, block=16, rounding="half_even")
+    ids = torch.randint(0, 30, (3, 7))
+    out = emb(ids)
+    assert emb.block == 16 and emb.weight is table.weight
+    e = table(ids).detach()
+    e_h = block_hadamard(e, 16)
+    assert float(emb.step.detach()) == pytest.approx(float(F.lsq_init(e_h)), rel=1e-6)
+    step = emb.step.detach()
+    expected = block_hadamard(F.lsq_quantize(e_h, step, rounding="half_even"), 16)
+    assert torch.equal(out.detach(), expected)
+    g = torch.randn_like(out)
+    out.backward(g)
+    # the textbook LSQ graph in float64, through the transform
+    s = step.double().clone().requires_grad_(True)
+    e64 = e.double().clone().requires_grad_(True)
+    kappa = 1 / math.sqrt(e.numel() * 7)
+    s_scaled = s * kappa + (s - s * kappa).detach()  # value s, gradient scaled by kappa
+    v = block_hadamard(e64, 16) / s_scaled
+    v_c = v.clamp(-8, 7)
+    textbook = block_hadamard((v_c + (torch.round(v_c) - v_c).detach()) * s_scaled, 16)
+    textbook.backward(g.double())
+    grad_table = torch.zeros(30, 64, dtype=torch.float64).index_add_(
+        0, ids.reshape(-1), e64.grad.reshape(-1, 64)
+    )
+    assert torch.allclose(emb.weight.grad.double(), grad_table, rtol=1e-5, atol=1e-6)
+    assert float(emb.step.grad) == pytest.approx(float(s.grad), rel=1e-4)
+
+
+def test_embedding_block_search_picks_the_smallest_reconstruction_error():
+    torch.manual_seed(1)
+    table = nn.Embedding(40, 64)
+    with torch.no_grad():
+        table.weight[:, 5] += 30.0  # one outlier channel: a transform spreads it
+    emb = N.Int4Embedding(table)
+    e = table(torch.arange(40)).detach()
+    emb(torch.arange(40))
+    errors = {g: float(F._hq_error(e, g, 4)) for g in (1, 2, 4, 8, 16, 32, 64)}
+    assert emb.block == min(errors, key=errors.get) and emb.block > 1
+
+
+def test_convert_with_embeddings_keeps_ties_trains_and_restores():
+    from transformers import BertConfig, BertForMaskedLM, LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    bert = BertForMaskedLM(BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=1,
+                                      num_attention_heads=4, intermediate_size=128))  # fmt: skip
+    convert_for_training(bert, embeddings=True, progress=False)
+    tables = [n for n, m in bert.named_modules() if isinstance(m, N.Int4Embedding)]
+    assert sorted(t.rsplit(".", 1)[-1] for t in tables) == [
+        "position_embeddings", "token_type_embeddings", "word_embeddings"
+    ]  # fmt: skip
+    llama = LlamaForCausalLM(LlamaConfig(vocab_size=100, hidden_size=64, intermediate_size=128,
+                                         num_hidden_layers=1, num_attention_heads=4,
+                                         num_key_value_heads=2, tie_word_embeddings=True))  # fmt: skip
+    convert_for_training(llama, embeddings=True, progress=False)
+    assert isinstance(llama.model.embed_tokens, N.Int4Embedding)
+    assert llama.lm_head.weight is llama.model.embed_tokens.weight  # the tie survives
+    ids = torch.randint(0, 100, (2, 12))
+    opt = torch.optim.AdamW(llama.parameters(), lr=1e-3)
+    losses = []
+    for _ in range(4):
+        loss = llama(input_ids=ids, labels=ids).loss
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(float(loss.detach()))
+    assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0]
+    assert llama.model.embed_tokens.step.grad is not None
+    trained = llama.model.embed_tokens.weight
+    restore_linears(llama)
+    assert type(llama.model.embed_tokens) is nn.Embedding
+    assert llama.model.embed_tokens.weight is trained and llama.lm_head.weight is trained
+
+
+def test_embedding_bad_input_and_eval_before_training():
+    with pytest.raises(ValueError, match="block=3 must be a power of two"):
+        N.Int4Embedding(nn.Embedding(5, 48), block=3)
+    with pytest.raises(ValueError, match="wraps an nn.Embedding"):
+        N.Int4Embedding(nn.Linear(4, 4))
+    with pytest.raises(ValueError, match="use recipe='int4'"):
+        convert_for_training(nn.Sequential(nn.Embedding(5, 8)), recipe="mxfp4", embeddings=True)
+    emb = N.Int4Embedding(nn.Embedding(5, 8)).eval()
+    with pytest.raises(ValueError, match="run one batch in train"):
+        emb(torch.tensor([1, 2]))
+    table = nn.Embedding(5, 8)
+    with torch.no_grad():
+        table.weight[2, 3] = math.nan
+    with pytest.raises(ValueError, match="non-finite"):
+        N.Int4Embedding(table)(torch.tensor([2, 1]))  # no step can be set from a NaN batch
+    emb = N.Int4Embedding(table)
+    assert torch.isfinite(emb(torch.tensor([0, 1]))).all()  # rows without the NaN
+    assert torch.isnan(emb(torch.tensor([2, 1]))).all()  # poisoned, not turned into a code

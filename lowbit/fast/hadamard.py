@@ -49,22 +49,26 @@ def hadamard(n: int) -> torch.Tensor:
 
 
 def _butterflies(x: torch.Tensor, block: int) -> torch.Tensor:
-    """The reference's stages, in place on a float32/float64 copy of x; returns x's dtype."""
+    """The reference's stages on a float32/float64 copy of x; returns x's dtype."""
     work = torch.float64 if x.dtype == torch.float64 else torch.float32
     y = x.to(work, copy=True).reshape(-1, block)  # (numel / block, block)
     scale = torch.tensor(1.0 / math.sqrt(block), dtype=work, device=y.device)
     # chunks of about 1 MiB stay in cache through all the stages
-    step = max(1, (1 << 20) // (block * y.element_size())) if y.device.type == "cpu" else len(y)
+    step = (1 << 20) // (block * y.element_size()) if y.device.type == "cpu" else len(y)
+    step = max(1, min(step, len(y)))
+    spare = torch.empty((step, block), dtype=work, device=y.device)
     for rows in y.split(step):
+        # each stage reads one buffer and writes the other: two passes, no temporaries
+        src, dst = rows, spare[: len(rows)]
         h = 1
         while h < block:
-            pairs = rows.view(len(rows), block // (2 * h), 2, h)  # runs of 2h: (a, b) halves
-            a, b = pairs[:, :, 0], pairs[:, :, 1]
-            diff = a - b
-            a.add_(b)
-            b.copy_(diff)
+            a, b = src.view(len(rows), block // (2 * h), 2, h).unbind(2)  # runs of 2h: halves
+            out = dst.view(len(rows), block // (2 * h), 2, h)
+            torch.add(a, b, out=out[:, :, 0])
+            torch.sub(a, b, out=out[:, :, 1])
+            src, dst = dst, src
             h *= 2
-        rows.mul_(scale)
+        torch.mul(src, scale, out=rows)
     return y.reshape(x.shape).to(x.dtype)
 
 

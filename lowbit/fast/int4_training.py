@@ -151,14 +151,15 @@ def _stream_key(seed: int, stream: int) -> int:
     return _hash32_int(((seed ^ (stream * _GOLDEN)) & _MASK) ^ _hash32_int(seed >> 32))
 
 
-def _uniforms(n: int, seed: int, stream: int, device) -> torch.Tensor:
-    """The reference's n uniforms on [0, 1) for (seed, stream), float32, on ``device``."""
+def _uniforms(n: int, seed: int, stream: int, device, start: int = 0) -> torch.Tensor:
+    """The reference's uniforms on [0, 1) number start ... start + n - 1 of (seed, stream),
+    float32, on ``device``."""
     key = _signed(_stream_key(seed, stream))
-    if n >= 1 << 31:
-        raise ValueError(f"{n} random numbers requested: at most 2^31 - 1 per call")
-    counter = torch.arange(n, dtype=torch.int32, device=device)
+    if start + n >= 1 << 31:
+        raise ValueError(f"{start + n} random numbers requested: at most 2^31 - 1 per call")
+    counter = torch.arange(start, start + n, dtype=torch.int32, device=device)
     bits = _hash32(_hash32(counter ^ key) + key)
-    return _srl(bits, 8).to(torch.float32) * (2.0**-24)
+    return _srl(bits, 8).to(torch.float32).mul_(2.0**-24)
 
 
 # ---- LSQ ----------------------------------------------------------------------------------------
@@ -244,6 +245,13 @@ def lsq_quantize_grad(
 # ---- the Hadamard quantizer's forward -------------------------------------------------------
 
 
+def _hq_error(t: torch.Tensor, block: int, bits: int) -> torch.Tensor:
+    """||Q(t H) H^T - t||_F (float64) with the LSQ init step: one factor of the search score."""
+    t_h = block_hadamard(t, block)
+    t_q = lsq_quantize(t_h, lsq_init(t_h, bits), bits, rounding="half_even")
+    return torch.linalg.norm((block_hadamard(t_q, block) - t).double())
+
+
 @takes_tensors
 def hq_search(
     x: torch.Tensor, w: torch.Tensor, bits: int = 4, max_block: int = 1024
@@ -254,15 +262,8 @@ def hq_search(
     if w_w.dim() != 2 or w_w.shape[1] != x_w.shape[1]:
         raise ValueError(f"w must be (out, {x_w.shape[1]}) for x's inputs, got {tuple(w_w.shape)}")
     blocks = block_sizes(x_w.shape[1], max_block)
-    errors = []
-    for g in blocks:
-        err = torch.ones((), dtype=torch.float64, device=x_w.device)
-        for t in (x_w, w_w):
-            t_h = block_hadamard(t, g)
-            t_q = lsq_quantize(t_h, lsq_init(t_h, bits), bits, rounding="half_even")
-            err = err * torch.linalg.norm((block_hadamard(t_q, g) - t).double())
-        errors.append(err)
-    errors_t = torch.stack(errors).cpu()
+    errors_t = torch.stack([_hq_error(x_w, g, bits) * _hq_error(w_w, g, bits) for g in blocks])
+    errors_t = errors_t.cpu()
     best = blocks[int(torch.argmin(errors_t))]  # argmin returns the first of tied minima
     return best, torch.tensor(blocks, dtype=torch.int64), errors_t
 
@@ -349,16 +350,26 @@ def _bit_split(g_w: torch.Tensor, bits: int, clip: str, seed: int, residual: str
             :2
         ]
         return F, S, sigma
-    t = g_w * sigma
-    F = torch.round(t / _const(nb, g_w)).clamp_(low, high)
-    r = t - _const(nb, g_w) * F
-    if residual == "nearest":
-        S = torch.round(r).clamp_(low, high)
-    else:
-        u = _uniforms(r.numel(), seed, _STREAM_RESIDUAL, r.device).reshape(r.shape).to(r.dtype)
-        r_floor = torch.floor(r)
-        S = (r_floor + (u < r - r_floor).to(r.dtype)).clamp_(low, high)
-    return F.to(torch.int8), S.to(torch.int8), sigma
+    flat = g_w.reshape(-1)
+    F = torch.empty(flat.shape, dtype=torch.int8, device=g_w.device)
+    S = torch.empty_like(F)
+    nb_w = _const(nb, g_w)
+    # on CPU the dozen elementwise passes (half of them the hash) run on chunks of 128 Ki
+    # values, which stay in cache: 2-3x faster than whole-tensor passes
+    step = 1 << 17 if g_w.device.type == "cpu" else max(flat.numel(), 1)
+    for start in range(0, flat.numel(), step):
+        t = flat[start : start + step] * sigma
+        f = torch.round(t / nb_w).clamp_(low, high)
+        r = t.sub_(nb_w * f)
+        if residual == "nearest":
+            s = torch.round(r)
+        else:
+            u = _uniforms(len(r), seed, _STREAM_RESIDUAL, r.device, start).to(r.dtype)
+            s = torch.floor(r)
+            s += (u < r.sub_(s)).to(r.dtype)  # floor(r) + 1[u < r - floor(r)]
+        F[start : start + step] = f
+        S[start : start + step] = s.clamp_(low, high)
+    return F.reshape(g_w.shape), S.reshape(g_w.shape), sigma
 
 
 @takes_tensors

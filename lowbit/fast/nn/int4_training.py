@@ -1,5 +1,6 @@
 """Training with 4-bit integers (arXiv 2306.11987) as a module: ``Int4Linear``, and
-``convert_for_training`` to swap it into a model.
+``convert_for_training`` to swap it into a model (and, when asked, ``Int4Embedding`` after the
+embedding tables).
 
 ``Int4Linear`` is a trainable drop-in for ``nn.Linear`` whose three matmuls run on INT4 codes:
 the forward quantizes X H and W H with learned LSQ steps (the Hadamard quantizer), the backward
@@ -35,7 +36,7 @@ from lowbit.fast.nn import register_module
 from lowbit.reference.hadamard import block_sizes
 from lowbit.reference.int4_training import _CLIPS, _RESIDUALS, _ROUNDINGS, _check_choice, _levels
 
-__all__ = ["Int4Linear", "FP4TrainingLinear", "convert_for_training"]
+__all__ = ["Int4Linear", "Int4Embedding", "FP4TrainingLinear", "convert_for_training"]
 
 _STEP_FLOOR = 1e-10  # |step| below this is raised to it: a step that crossed 0 stays usable
 
@@ -426,6 +427,145 @@ class FP4TrainingLinear(nn.Module):
         return lin.to(self.weight.device)
 
 
+# ---- embedding outputs (asked for: the paper's BERT recipe quantizes them too) ------------------
+
+
+class _Int4EmbeddingOutputFunction(torch.autograd.Function):
+    """e^ = Q(e H) H^T: the embedding output through the Hadamard quantizer; LSQ gradients."""
+
+    @staticmethod
+    def forward(ctx, e, step, block: int, bits: int, rounding: str):
+        Qn, Qp = _levels(bits)
+        work = torch.float64 if e.dtype == torch.float64 else torch.float32
+        s = step.detach().abs().clamp_min(_STEP_FLOOR).to(work)
+        e_h = block_hadamard(e.detach().to(work), block)
+        codes = _int4._encode(e_h, s, Qn, Qp, rounding)
+        out = block_hadamard(codes.to(work) * s, block) + _poison(e)
+        ctx.save_for_backward(e_h / s, step.detach())
+        ctx.options = (block, bits, rounding, e.dtype)
+        return out.to(e.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        v, step = ctx.saved_tensors
+        block, bits, rounding, dtype = ctx.options
+        Qn, Qp = _levels(bits)
+        g_h = block_hadamard(grad_out.to(v.dtype), block)
+        grad_e_h, grad_s = _int4._lsq_grad(v, g_h, Qn, Qp, rounding)
+        grad_step = (grad_s * torch.sign(step)).to(step.dtype)
+        return block_hadamard(grad_e_h, block).to(dtype), grad_step, None, None, None
+
+
+class Int4Embedding(nn.Embedding):
+    """An ``nn.Embedding`` whose output goes through the Hadamard quantizer with a learned LSQ
+    step, as the official BERT recipe's ``QIdentity`` after the word, position and token-type
+    embeddings (``convert_for_training(..., embeddings=True)``).
+
+    The first training batch picks the Hadamard block (the smallest reconstruction error of
+    the output, the activation half of ``hq_search``'s score) and initialises ``step``
+    (``lsq_init``), agreed across ranks like ``Int4Linear``'s. The gradient reaching the table
+    is LSQ's straight-through one, in full precision: the official code also rounds it to 4 bits
+    stochastically, but no matmul consumes it (the table's gradient is a scatter-add), so there
+    is no INT4 product to emulate. The weight is the wrapped embedding's own ``Parameter``, so
+    an output head tied to it stays tied. Not registered for saving: swap back with
+    ``restore_linears`` (``to_linear`` returns the plain ``nn.Embedding``).
+    """
+
+    block_size: torch.Tensor
+    initialized: torch.Tensor
+
+    def __init__(
+        self,
+        embedding: nn.Embedding,
+        *,
+        bits: int = 4,
+        block: int | None = None,
+        rounding: str = "half_away",
+        max_block: int = 1024,
+    ):
+        if not isinstance(embedding, nn.Embedding):
+            raise ValueError(f"Int4Embedding wraps an nn.Embedding, got {type(embedding).__name__}")
+        dim = embedding.embedding_dim
+        candidates = block_sizes(dim, max_block)
+        if block is not None and block not in candidates:
+            raise ValueError(
+                f"block={block} must be a power of two dividing embedding_dim={dim}: "
+                f"one of {candidates}, or None to search"
+            )
+        _levels(bits)
+        _check_choice(rounding, "rounding", _ROUNDINGS)
+        super().__init__(
+            embedding.num_embeddings,
+            dim,
+            padding_idx=embedding.padding_idx,
+            max_norm=embedding.max_norm,
+            norm_type=embedding.norm_type,
+            scale_grad_by_freq=embedding.scale_grad_by_freq,
+            sparse=embedding.sparse,
+            _weight=embedding.weight.detach(),
+        )
+        self.weight = embedding.weight  # the same Parameter, so ties survive
+        self.bits, self.rounding, self.max_block = int(bits), rounding, int(max_block)
+        device = embedding.weight.device
+        self.step = nn.Parameter(torch.ones((), device=device, dtype=embedding.weight.dtype))
+        self.register_buffer("block_size", torch.tensor(block or 0, device=device))
+        self.register_buffer("initialized", torch.tensor(False, device=device))
+        self._ready, self._block = False, 0
+
+    @property
+    def block(self) -> int:
+        """The Hadamard block in use; 0 before the first training batch."""
+        return int(self.block_size)
+
+    @torch.no_grad()
+    def _initialise(self, e: torch.Tensor) -> None:
+        rows = e.detach().reshape(-1, self.embedding_dim).float()
+        if self.block == 0:
+            blocks = block_sizes(self.embedding_dim, self.max_block)
+            errors = torch.stack([_int4._hq_error(rows, g, self.bits) for g in blocks])
+            best = blocks[int(torch.argmin(errors.cpu()))]  # the first of tied minima
+            self.block_size.fill_(_broadcast_int(best, self.block_size.device))
+        step = _int4.lsq_init(block_hadamard(rows, self.block), self.bits)
+        self.step.copy_(_mean_over_ranks(step))
+        self.initialized.fill_(True)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        e = super().forward(ids)
+        if not self._ready:
+            if not bool(self.initialized):
+                if not self.training:
+                    raise ValueError(
+                        "Int4Embedding has no step size yet: run one batch in train() mode first"
+                    )
+                self._initialise(e)
+            self._block, self._ready = int(self.block_size), True
+        return _Int4EmbeddingOutputFunction.apply(
+            e, self.step, self._block, self.bits, self.rounding
+        )
+
+    def _load_from_state_dict(self, *args, **kwargs):
+        super()._load_from_state_dict(*args, **kwargs)
+        self._ready = False
+
+    def to_linear(self) -> nn.Embedding:
+        """The plain ``nn.Embedding`` again, holding the trained table (the same Parameter)."""
+        plain = nn.Embedding(
+            self.num_embeddings,
+            self.embedding_dim,
+            padding_idx=self.padding_idx,
+            max_norm=self.max_norm,
+            norm_type=self.norm_type,
+            scale_grad_by_freq=self.scale_grad_by_freq,
+            sparse=self.sparse,
+            _weight=self.weight.detach(),
+        )
+        plain.weight = self.weight  # nn.Embedding would wrap a new Parameter around _weight
+        return plain
+
+    def extra_repr(self) -> str:
+        return f"{super().extra_repr()}, bits={self.bits}, block={self.block or 'search'}"
+
+
 # ---- torch.distributed helpers (no-ops on one process) -------------------------------------------
 
 
@@ -463,13 +603,14 @@ def convert_for_training(
     skip: tuple[str, ...] = ("lm_head", "classifier", "score", "qa_outputs"),
     progress: bool = True,
     recipe: str = "int4",
+    embeddings: bool = False,
     **options: Any,
 ) -> nn.Module:
     """Swap ``Int4Linear`` in for the linears of ``model`` (in place) and return it.
 
     Args:
         model: any model with ``nn.Linear`` layers (BERT and LLaMA families from transformers
-            included); its embeddings are not touched.
+            included).
         layers: which linears to convert: a predicate ``(name, linear) -> bool``, or names (a
             linear is converted when its name ends with one of them, e.g. ``["q_proj",
             "v_proj"]``); ``None`` converts every linear not in ``skip``.
@@ -477,10 +618,15 @@ def convert_for_training(
         progress: a progress bar over the layers.
         recipe: ``"int4"`` (``Int4Linear``, the paper) or ``"mxfp4"`` (``FP4TrainingLinear``,
             the FP4 recipe of current hardware, emulated: a comparison).
+        embeddings: also quantize the output of every ``nn.Embedding`` (``Int4Embedding``:
+            word, position and token-type tables, as the official BERT recipe does); by default
+            the embeddings stay in full precision. Only with ``recipe="int4"``.
         **options: ``Int4Linear``'s options (``bits``, ``sampling``, ``clip``, ``block``, ...);
-            only ``seed`` for ``"mxfp4"``.
+            only ``seed`` for ``"mxfp4"``. ``bits``, ``rounding`` and ``max_block`` apply to
+            the embeddings too.
 
-    Swap back with ``lowbit.fast.convert.restore_linears(model)`` (the trained float weights).
+    Swap back with ``lowbit.fast.convert.restore_linears(model)`` (the trained float weights
+    and tables).
     """
     from lowbit.fast.convert import replace_linears
 
@@ -500,6 +646,9 @@ def convert_for_training(
     else:
         Int4Linear(1024, 1, **options)  # check the options once, before any layer is touched
 
+    if embeddings and recipe != "int4":
+        raise ValueError("embeddings=True quantizes with the paper's recipe: use recipe='int4'")
+
     def make(name: str, linear: nn.Linear) -> nn.Module | None:
         if not chosen(name, linear):
             return None
@@ -507,4 +656,16 @@ def convert_for_training(
             return FP4TrainingLinear(linear, **options)
         return Int4Linear.from_linear(linear, **options)
 
-    return replace_linears(model, make, skip=skip, progress=progress)
+    replace_linears(model, make, skip=skip, progress=progress)
+    if embeddings:
+        from lowbit.fast.convert import _set_submodule, _skipped
+
+        shared = {k: options[k] for k in ("bits", "rounding", "max_block") if k in options}
+        tables = [
+            (name, mod)
+            for name, mod in model.named_modules()
+            if type(mod) is nn.Embedding and not _skipped(name, skip)
+        ]
+        for name, table in tables:
+            _set_submodule(model, name, Int4Embedding(table, **shared))
+    return model
