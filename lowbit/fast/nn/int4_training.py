@@ -456,6 +456,13 @@ class _Int4EmbeddingOutputFunction(torch.autograd.Function):
         return block_hadamard(grad_e_h, block).to(dtype), grad_step, None, None, None
 
 
+def _table_options(e: nn.Embedding) -> dict[str, Any]:
+    """nn.Embedding's constructor arguments for a copy of ``e`` that uses e's table tensor."""
+    names = ("num_embeddings", "embedding_dim", "padding_idx", "max_norm", "norm_type")
+    options = {name: getattr(e, name) for name in (*names, "scale_grad_by_freq", "sparse")}
+    return {**options, "_weight": e.weight.detach()}
+
+
 class Int4Embedding(nn.Embedding):
     """An ``nn.Embedding`` whose output goes through the Hadamard quantizer with a learned LSQ
     step, as the official BERT recipe's ``QIdentity`` after the word, position and token-type
@@ -494,16 +501,7 @@ class Int4Embedding(nn.Embedding):
             )
         _levels(bits)
         _check_choice(rounding, "rounding", _ROUNDINGS)
-        super().__init__(
-            embedding.num_embeddings,
-            dim,
-            padding_idx=embedding.padding_idx,
-            max_norm=embedding.max_norm,
-            norm_type=embedding.norm_type,
-            scale_grad_by_freq=embedding.scale_grad_by_freq,
-            sparse=embedding.sparse,
-            _weight=embedding.weight.detach(),
-        )
+        super().__init__(**_table_options(embedding))
         self.weight = embedding.weight  # the same Parameter, so ties survive
         self.bits, self.rounding, self.max_block = int(bits), rounding, int(max_block)
         device = embedding.weight.device
@@ -549,16 +547,7 @@ class Int4Embedding(nn.Embedding):
 
     def to_linear(self) -> nn.Embedding:
         """The plain ``nn.Embedding`` again, holding the trained table (the same Parameter)."""
-        plain = nn.Embedding(
-            self.num_embeddings,
-            self.embedding_dim,
-            padding_idx=self.padding_idx,
-            max_norm=self.max_norm,
-            norm_type=self.norm_type,
-            scale_grad_by_freq=self.scale_grad_by_freq,
-            sparse=self.sparse,
-            _weight=self.weight.detach(),
-        )
+        plain = nn.Embedding(**_table_options(self))
         plain.weight = self.weight  # nn.Embedding would wrap a new Parameter around _weight
         return plain
 
