@@ -240,6 +240,39 @@ def test_convert_a_llama_model_per_layer_and_save_load():
         fresh = load_quantized(LlamaForCausalLM(config), path).eval()
     with torch.no_grad():
         assert torch.equal(fresh(input_ids=ids).logits, logits)
+    counters = [m.calls for m in fresh.modules() if isinstance(m, Int4Linear)]
+    assert counters == [1] * 6  # the step counter (the seeds' position) came back too
+
+
+def test_a_resumed_run_draws_the_seeds_an_uninterrupted_run_draws(tmp_path):
+    def train(model, steps):
+        opt = torch.optim.SGD(model.parameters(), lr=0.05)
+        for k in range(steps):
+            x = torch.randn(32, 64, generator=torch.Generator().manual_seed(k))
+            loss = model(x).square().mean()
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+
+    def fresh():
+        torch.manual_seed(0)
+        return convert_for_training(nn.Sequential(nn.Linear(64, 16)), skip=(), progress=False)
+
+    straight = fresh()
+    train(straight, 4)
+    first = fresh()
+    train(first, 2)
+    save_quantized(first, tmp_path / "half.safetensors")
+    resumed = load_quantized(fresh(), tmp_path / "half.safetensors")
+    assert resumed[0].calls == 2
+    batches = [torch.randn(32, 64, generator=torch.Generator().manual_seed(k)) for k in (2, 3)]
+    opt = torch.optim.SGD(resumed.parameters(), lr=0.05)
+    for x in batches:  # steps 2 and 3, with sampling: equal only if the seeds continue
+        loss = resumed(x).square().mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert torch.equal(resumed[0].weight, straight[0].weight)
 
 
 # ---- DistributedDataParallel, 2 gloo processes on this machine --------------------------------------

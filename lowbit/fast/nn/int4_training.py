@@ -140,7 +140,8 @@ class Int4Linear(nn.Module):
         max_block: the largest block the search tries (1024).
 
     Parameters: ``weight`` (out, in), ``bias`` (out,), ``step_x``, ``step_w`` (0-d). Buffers:
-    ``block_size`` (0 until chosen), ``initialized`` (the steps were set from data).
+    ``block_size`` (0 until chosen), ``initialized`` (the steps were set from data). The
+    training-step counter ``calls`` is saved with them (``_extra_state``).
     """
 
     block_size: torch.Tensor
@@ -262,6 +263,14 @@ class Int4Linear(nn.Module):
     def _load_from_state_dict(self, *args, **kwargs):
         super()._load_from_state_dict(*args, **kwargs)
         self._ready = False  # read the loaded block and flag on the next forward
+
+    def get_extra_state(self) -> torch.Tensor:
+        # the step counter travels with checkpoints, so a resumed run draws new seeds instead
+        # of repeating those of its first steps (a tensor: safetensors holds nothing else)
+        return torch.tensor(self.calls, dtype=torch.int64)
+
+    def set_extra_state(self, state: torch.Tensor) -> None:
+        self.calls = int(state)
 
     def dequantized_weight(self) -> torch.Tensor:
         """The weight the forward computes with, back in the input basis: Q(W H) H^T, (out, in)."""
