@@ -24,7 +24,7 @@
 # 3. subnormals and ties, decided by the reference's rounding steps;
 # 4. overflow: saturating, IEEE-style, and what `ml_dtypes` and torch's casts do;
 # 5. stochastic rounding, and why it is unbiased;
-# 6. MX block scaling (OCP MX v1.0);
+# 6. MX block scaling (OCP MX v1.0) and NVFP4;
 # 7. the fast path and the Triton kernel checked bit for bit, and a small benchmark.
 
 # %%
@@ -303,6 +303,25 @@ codes, scales = ref.encode_mx(x, "e2m1fn", block=32)
 print("scale exponents of row 0's blocks:", scales[0].astype(int) - 127)
 
 # %% [markdown]
+# NVIDIA's NVFP4 keeps E2M1 elements but scales smaller blocks, of 16, with an E4M3 scale
+# (three mantissa bits instead of a bare power of two), and adds one float32 scale g for the
+# whole tensor, which maps its largest magnitude onto 448 · 6 (the largest scale times the
+# largest element). A value is decoded as e2m1 · scale / g. The finer scale puts each block's
+# largest value at 6 instead of somewhere in [4, 8), so NVFP4 is more accurate than MXFP4 at
+# the cost of 4.5 bits per value instead of 4.25 (a byte per 16 values against one per 32):
+
+# %%
+nv_codes, nv_scales, g = ref.encode_nvfp4(x)
+print(f"global scale g = {g:.4g}; block scales of row 0: {ref.decode(nv_scales[0], 'e4m3fn')[:6]}")
+print(
+    f"{'NVFP4 (E2M1, block 16, E4M3 scales)':>34}: relative error {rel_err(ref.quantize_nvfp4(x)):.4f}"
+)
+print(
+    f"{'NVFP4, 16 x 16 tiles (weights)':>34}: relative error "
+    f"{rel_err(ref.quantize_nvfp4(x, block_2d=True)):.4f}"
+)
+
+# %% [markdown]
 # ## 7. The fast path and the Triton kernel, checked against the reference
 #
 # `lowbit.fast.formats` has the same functions, parameters and defaults as the reference and
@@ -387,6 +406,9 @@ for name, ml_type in [("e4m3fn", ml_dtypes.float8_e4m3fn), ("e2m1fn", ml_dtypes.
 #   Project, 2023 (E4M3FN and E5M2).
 # * B. Rouhani et al., *OCP Microscaling Formats (MX) Specification* v1.0, Open Compute Project,
 #   2023 (E8M0 shared scales, MXFP8 / MXFP6 / MXFP4, block size 32).
+# * NVIDIA, NVFP4 (Blackwell's 4-bit format: E2M1 elements, E4M3 scales per 16 values and an
+#   FP32 tensor scale), as stored by compressed-tensors' `nvfp4-pack-quantized` format and used
+#   by the NVFP4 training recipe of NVIDIA's Transformer Engine (16 x 16 weight tiles).
 # * S.-y. Liu, Z. Liu, X. Huang, P. Dong, K.-T. Cheng, *LLM-FP4: 4-Bit Floating-Point Quantized
 #   Transformers*, EMNLP 2023, arXiv:2310.16836 (E2M1 / E3M0 / E1M2 without special codes).
 # * `ml_dtypes` (JAX / OpenXLA): NumPy dtypes for float8, float6 and float4 formats,

@@ -84,6 +84,11 @@ __all__ = [
     "encode_mx",
     "decode_mx",
     "quantize_mx",
+    "NVFP4_BLOCK",
+    "nvfp4_global_scale",
+    "encode_nvfp4",
+    "decode_nvfp4",
+    "quantize_nvfp4",
 ]
 
 # Lookup tables are worth building only for tensors larger than this (tests lower it).
@@ -739,3 +744,133 @@ def quantize_mx(x: torch.Tensor, fmt: FPFormat | str, block: int = 32) -> torch.
     values = torch.where(nan_block[..., None], math.nan, values)
     values = values.reshape(V.shape[:-2] + (V.shape[-2] * block,))[..., :n]
     return values.to(out_dtype).reshape(x.shape)
+
+
+# ---- NVFP4 block scaling ---------------------------------------------------------------------------
+
+NVFP4_BLOCK = 16
+_NVFP4_RANGE = E4M3FN.max_value * E2M1FN.max_value  # 448 * 6
+_FLOAT32_MAX = float(torch.finfo(torch.float32).max)
+
+
+def _nvfp4_blocks(x64: torch.Tensor, block_2d: bool) -> torch.Tensor:
+    """x as (..., blocks, 16) or (..., row tiles, column tiles, 256), zero-padded."""
+    b = NVFP4_BLOCK
+    if not block_2d:
+        n = x64.shape[-1]
+        p = torch.nn.functional.pad(x64, (0, -n % b))
+        return p.reshape(x64.shape[:-1] + (-(-n // b), b))
+    if x64.dim() < 2:
+        raise ValueError(
+            f"block_2d needs a (..., rows, columns) array, got shape {tuple(x64.shape)}"
+        )
+    r, c = x64.shape[-2:]
+    p = torch.nn.functional.pad(x64, (0, -c % b, 0, -r % b))
+    tiles = p.reshape(p.shape[:-2] + (p.shape[-2] // b, b, p.shape[-1] // b, b))
+    return tiles.transpose(-3, -2).reshape(
+        p.shape[:-2] + (p.shape[-2] // b, p.shape[-1] // b, b * b)
+    )
+
+
+def _nvfp4_unblocks(V: torch.Tensor, shape: tuple, block_2d: bool) -> torch.Tensor:
+    b = NVFP4_BLOCK
+    if not block_2d:
+        return V.reshape(V.shape[:-2] + (V.shape[-2] * b,))[..., : shape[-1]]
+    tiles = V.reshape(V.shape[:-1] + (b, b)).transpose(-3, -2)
+    full = tiles.reshape(tiles.shape[:-4] + (tiles.shape[-4] * b, tiles.shape[-2] * b))
+    return full[..., : shape[-2], : shape[-1]]
+
+
+def _as_float64(x: torch.Tensor) -> torch.Tensor:
+    _working(x.reshape(-1)[:0])  # the dtype check and its message
+    return x.to(torch.float64)
+
+
+@takes_tensors
+def nvfp4_global_scale(x: torch.Tensor) -> torch.Tensor:
+    """(448 · 6) / amax as a 0-d float32 tensor (see the reference); 1 without a usable amax."""
+    x64 = _as_float64(x)
+    amax = torch.where(x64.abs() <= _FLOAT32_MAX, x64.abs(), 0.0).amax() if x64.numel() else None
+    if amax is None:
+        return torch.ones((), dtype=torch.float32, device=x.device)
+    g = torch.clamp(_NVFP4_RANGE / amax, max=_FLOAT32_MAX).to(torch.float32)
+    return torch.where(amax > 0, g, 1.0)
+
+
+def _global_scale(global_scale, x: torch.Tensor) -> torch.Tensor:
+    if global_scale is None:
+        return nvfp4_global_scale(x)
+    g = torch.as_tensor(global_scale).to(device=x.device, dtype=torch.float32).reshape(())
+    if g.device.type == "cpu" and not (torch.isfinite(g) and g > 0):  # no device sync on CUDA
+        raise ValueError(
+            f"global_scale={float(g)!r} is invalid: use a positive finite float32 "
+            "(or None: (448 * 6) / amax of x)"
+        )
+    return g
+
+
+@takes_tensors
+def encode_nvfp4(
+    x: torch.Tensor, *, global_scale: float | torch.Tensor | None = None, block_2d: bool = False
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """NVFP4 -> (E2M1 codes, E4M3FN block-scale codes, float32 global scale); the same float64
+    steps as :func:`lowbit.reference.formats.encode_nvfp4`, so the codes agree bit for bit."""
+    x64 = torch.atleast_1d(_as_float64(x))
+    g = _global_scale(global_scale, x64)
+    V = _nvfp4_blocks(x64, block_2d)
+    ok = V.abs() <= _FLOAT32_MAX
+    nan_block = ~ok.all(-1)
+    V = torch.where(ok, V, 0.0)
+    amax = V.abs().amax(-1) if V.shape[-1] else V.sum(-1)
+    g64 = g.double()
+    scale_codes = encode((g64 * amax) / E2M1FN.max_value, E4M3FN, saturate=True)
+    scale = decode(scale_codes, E4M3FN, dtype=torch.float64)[..., None]
+    scaled = torch.where(scale > 0, (V * g64) / torch.where(scale > 0, scale, 1.0), 0.0)
+    codes = encode(torch.where(nan_block[..., None], 0.0, scaled), E2M1FN, saturate=True)
+    scale_codes = torch.where(nan_block, E4M3FN.nan_code, scale_codes).to(torch.uint8)
+    return _nvfp4_unblocks(codes, tuple(x64.shape), block_2d), scale_codes, g
+
+
+@takes_tensors
+def decode_nvfp4(
+    codes: torch.Tensor,
+    scales: torch.Tensor,
+    global_scale: float | torch.Tensor,
+    *,
+    block_2d: bool = False,
+    dtype=None,
+) -> torch.Tensor:
+    """Inverse of ``encode_nvfp4``: decode(P) · decode(S) / g in float64, cast once."""
+    codes = torch.atleast_1d(codes)
+    b = NVFP4_BLOCK
+    if block_2d:
+        if codes.dim() < 2:
+            raise ValueError(
+                f"block_2d needs (..., rows, columns) codes, got shape {tuple(codes.shape)}"
+            )
+        want = tuple(codes.shape[:-2]) + (-(-codes.shape[-2] // b), -(-codes.shape[-1] // b))
+    else:
+        want = tuple(codes.shape[:-1]) + (-(-codes.shape[-1] // b),)
+    if tuple(scales.shape) != want:
+        raise ValueError(
+            f"scales shape {tuple(scales.shape)} does not match codes {tuple(codes.shape)}: "
+            f"expected {want} (one E4M3 scale per {'16 x 16 tile' if block_2d else '16 values'})"
+        )
+    g = _global_scale(global_scale, codes).double()
+    elements = _nvfp4_blocks(decode(codes, E2M1FN, dtype=torch.float64), block_2d)
+    values = elements * decode(scales, E4M3FN, dtype=torch.float64)[..., None] / g
+    out = _nvfp4_unblocks(values, tuple(codes.shape), block_2d)
+    return out.to(_torch_dtype(dtype) or torch.float32)
+
+
+@takes_tensors
+def quantize_nvfp4(
+    x: torch.Tensor, *, global_scale: float | torch.Tensor | None = None, block_2d: bool = False
+) -> torch.Tensor:
+    """NVFP4 fake quantization in x's floating dtype (16-bit inputs via float32, as the
+    reference)."""
+    out_dtype = x.dtype if x.dtype.is_floating_point else torch.float32
+    codes, scales, g = encode_nvfp4(x, global_scale=global_scale, block_2d=block_2d)
+    work = torch.float64 if out_dtype == torch.float64 else torch.float32
+    out = decode_nvfp4(codes, scales, g, block_2d=block_2d, dtype=work)
+    return out.to(out_dtype).reshape(x.shape)

@@ -1,8 +1,10 @@
-"""Number formats: any ExMy float, n-bit integers, and OCP MX block scaling — the reference.
+"""Number formats: any ExMy float, n-bit integers, OCP MX and NVFP4 block scaling — the reference.
 
 Sources: IEEE 754-2019 (binary interchange formats, roundTiesToEven); OCP 8-bit Floating Point
 Specification (OFP8) rev. 1.0 (E5M2, E4M3FN); OCP Microscaling Formats (MX) v1.0 (E3M2FN,
-E2M3FN, E2M1FN elements, E8M0FNU shared scales, block size 32). Names follow ml_dtypes.
+E2M3FN, E2M1FN elements, E8M0FNU shared scales, block size 32); NVIDIA's NVFP4 (E2M1 elements,
+E4M3FN scales per 16 values, a float32 tensor scale; its layout as compressed-tensors stores it).
+Names follow ml_dtypes.
 
 A float format has 1 sign bit (unless unsigned), ``ebits`` exponent bits and ``mbits`` mantissa
 bits. A code is the bit pattern ``sign | exponent field | mantissa field`` in the low bits of an
@@ -42,6 +44,8 @@ Public functions:
 * ``pack(codes, bits)`` / ``unpack(packed, bits, n=None)``: little-endian bit streams (two 4-bit
   codes per byte, element 0 in the low nibble; four 6-bit codes per 3 bytes; ...).
 * ``encode_mx``, ``decode_mx``, ``quantize_mx``: OCP MX block scaling with E8M0 shared scales.
+* ``encode_nvfp4``, ``decode_nvfp4``, ``quantize_nvfp4``, ``nvfp4_global_scale``: NVIDIA's
+  NVFP4 (E2M1 elements, E4M3 scales per 16 values or 16 x 16 tiles, a float32 tensor scale).
 
 Choices where the sources leave room: NaN input to a format without a NaN code raises
 ``ValueError`` (ml_dtypes returns an arbitrary code); integer formats have no Inf/NaN, so they
@@ -82,6 +86,11 @@ __all__ = [
     "encode_mx",
     "decode_mx",
     "quantize_mx",
+    "NVFP4_BLOCK",
+    "nvfp4_global_scale",
+    "encode_nvfp4",
+    "decode_nvfp4",
+    "quantize_nvfp4",
 ]
 
 Specials = Literal["none", "fn", "ieee"]
@@ -745,3 +754,152 @@ def quantize_mx(x: np.ndarray, fmt: FPFormat | str, block: int = 32) -> np.ndarr
     out_dtype = x.dtype if _is_float(x.dtype) else np.dtype(np.float32)
     codes, scales = encode_mx(x, fmt, block)
     return decode_mx(codes, scales, fmt, block, dtype=np.float64).astype(out_dtype).reshape(x.shape)
+
+
+# ---- NVFP4 block scaling -----------------------------------------------------------------------------
+
+NVFP4_BLOCK = 16  # values per E4M3 scale (a 16 x 16 tile with ``block_2d``)
+_NVFP4_RANGE = E4M3FN.max_value * E2M1FN.max_value  # 448 * 6: the global scale maps amax here
+
+
+def _nvfp4_blocks(x64: np.ndarray, block_2d: bool) -> np.ndarray:
+    """x as (..., blocks, 16) or, with ``block_2d``, (..., row tiles, column tiles, 256),
+    zero-padded to whole blocks."""
+    b = NVFP4_BLOCK
+    if not block_2d:
+        n = x64.shape[-1]
+        pad = [(0, 0)] * (x64.ndim - 1) + [(0, -n % b)]
+        return np.pad(x64, pad).reshape(x64.shape[:-1] + (-(-n // b), b))
+    if x64.ndim < 2:
+        raise ValueError(f"block_2d needs a (..., rows, columns) array, got shape {x64.shape}")
+    r, c = x64.shape[-2:]
+    pad = [(0, 0)] * (x64.ndim - 2) + [(0, -r % b), (0, -c % b)]
+    p = np.pad(x64, pad)
+    lead, rt, ct = tuple(p.shape[:-2]), p.shape[-2] // b, p.shape[-1] // b
+    tiles = p.reshape(lead + (rt, b, ct, b))
+    return np.swapaxes(tiles, -3, -2).reshape(lead + (rt, ct, b * b))
+
+
+def _nvfp4_unblocks(V: np.ndarray, shape: tuple, block_2d: bool) -> np.ndarray:
+    """Inverse of ``_nvfp4_blocks``: back to ``shape`` (the padding dropped)."""
+    b = NVFP4_BLOCK
+    if not block_2d:
+        return V.reshape(V.shape[:-2] + (V.shape[-2] * b,))[..., : shape[-1]]
+    tiles = np.swapaxes(V.reshape(V.shape[:-1] + (b, b)), -3, -2)
+    full = tiles.reshape(tiles.shape[:-4] + (tiles.shape[-4] * b, tiles.shape[-2] * b))
+    return full[..., : shape[-2], : shape[-1]]
+
+
+def _representable(x64: np.ndarray) -> np.ndarray:
+    """Values NVFP4 can scale: finite and within float32's range (its scales are float32)."""
+    return np.abs(x64) <= _FLOAT32_MAX  # False for NaN and +-Inf too
+
+
+def nvfp4_global_scale(x: np.ndarray) -> np.float32:
+    """The per-tensor scale g = (448 · 6) / amax, as float32: it maps the tensor's largest
+    magnitude onto the largest block scale times the largest element. amax is taken over the
+    values NVFP4 can hold (NaN, Inf and magnitudes beyond float32 are left out); a tensor with
+    none of them, or only zeros, gets g = 1. g is clamped to float32's finite range."""
+    x64 = np.asarray(_as_float64(x))
+    ok = _representable(x64)
+    amax = float(np.max(np.abs(np.where(ok, x64, 0.0)), initial=0.0))
+    if amax == 0.0:
+        return np.float32(1.0)
+    return np.float32(min(_NVFP4_RANGE / amax, _FLOAT32_MAX))
+
+
+def _check_global_scale(global_scale) -> np.float32:
+    g = np.float32(global_scale)
+    if not (np.isfinite(g) and g > 0):
+        raise ValueError(
+            f"global_scale={global_scale!r} is invalid: use a positive finite float32 "
+            "(or None: (448 * 6) / amax of x)"
+        )
+    return g
+
+
+def encode_nvfp4(
+    x: np.ndarray, *, global_scale: float | None = None, block_2d: bool = False
+) -> tuple[np.ndarray, np.ndarray, np.float32]:
+    """NVFP4 quantization -> (E2M1 element codes, E4M3FN block-scale codes, float32 global scale).
+
+    NVIDIA's 4-bit format (Blackwell; the layout compressed-tensors stores as
+    ``nvfp4-pack-quantized``): E2M1 elements in blocks of 16 along the last axis (or 16 x 16
+    tiles of the last two axes with ``block_2d``, the weight layout of the NVFP4 training
+    recipe, so that W and W^T share their scales), one E4M3FN scale per block, and a float32
+    scale g for the whole tensor. Every step is float64 arithmetic (exact or rounded once, the
+    same in every implementation), rounding to nearest, ties to even:
+
+      g   = global_scale, or (448 · 6) / amax(x) rounded to float32 (``nvfp4_global_scale``);
+      S_b = encode((g · amax_b) / 6, E4M3FN), saturating (amax_b: the block's largest |x|);
+      P_i = encode((x_i · g) / decode(S_b), E2M1FN), saturating at ±6;
+      x_i ≈ decode(P_i) · decode(S_b) / g.
+
+    A block whose scale underflows E4M3 (amax_b < 2^-10 · 6 / g) or is all zero gets scale 0
+    and zero codes. A block holding NaN, ±Inf, or a magnitude beyond float32 gets the NaN scale
+    code (0x7F) and zero codes, so it decodes to NaN entirely (the MX policy of
+    ``encode_mx``); the global scale ignores those values.
+    """
+    x64 = np.asarray(_as_float64(x))
+    g = nvfp4_global_scale(x64) if global_scale is None else _check_global_scale(global_scale)
+    V = _nvfp4_blocks(np.atleast_1d(x64), block_2d)  # (..., blocks, members)
+    ok = _representable(V)
+    nan_block = np.asarray(~ok.all(axis=-1))
+    V = np.where(ok, V, 0.0)
+    amax = np.max(np.abs(V), axis=-1)  # (..., blocks)
+    scale_codes = encode((float(g) * amax) / E2M1FN.max_value, E4M3FN, saturate=True)
+    scale = decode(scale_codes, E4M3FN, dtype=np.float64)[..., None]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        scaled = np.where(scale > 0, (V * float(g)) / scale, 0.0)
+    codes = encode(np.where(nan_block[..., None], 0.0, scaled), E2M1FN, saturate=True)
+    scale_codes = np.where(nan_block, E4M3FN.nan_code, scale_codes).astype(np.uint8)
+    return _nvfp4_unblocks(codes, np.atleast_1d(x64).shape, block_2d), scale_codes, g
+
+
+def _check_nvfp4_shapes(codes: np.ndarray, scales: np.ndarray, block_2d: bool) -> None:
+    b = NVFP4_BLOCK
+    if block_2d:
+        if codes.ndim < 2:
+            raise ValueError(f"block_2d needs (..., rows, columns) codes, got shape {codes.shape}")
+        want = codes.shape[:-2] + (-(-codes.shape[-2] // b), -(-codes.shape[-1] // b))
+    else:
+        want = codes.shape[:-1] + (-(-codes.shape[-1] // b),)
+    if tuple(scales.shape) != tuple(want):
+        raise ValueError(
+            f"scales shape {tuple(scales.shape)} does not match codes {tuple(codes.shape)}: "
+            f"expected {tuple(want)} (one E4M3 scale per {'16 x 16 tile' if block_2d else '16 values'})"
+        )
+
+
+def decode_nvfp4(
+    codes: np.ndarray,
+    scales: np.ndarray,
+    global_scale: float | np.floating,
+    *,
+    block_2d: bool = False,
+    dtype=None,
+) -> np.ndarray:
+    """Inverse of ``encode_nvfp4``: decode(P_i) · decode(S_b) / g, in float64 and cast once to
+    ``dtype`` (float32 by default; the float64 quotient cast to float32 is the correctly rounded
+    float32 quotient). A NaN scale gives a NaN block."""
+    codes, scales = np.atleast_1d(np.asarray(codes)), np.asarray(scales)
+    _check_nvfp4_shapes(codes, scales, block_2d)
+    g = _check_global_scale(global_scale)
+    elements = _nvfp4_blocks(decode(codes, E2M1FN, dtype=np.float64), block_2d)
+    values = elements * decode(scales, E4M3FN, dtype=np.float64)[..., None] / float(g)
+    out = _nvfp4_unblocks(values, codes.shape, block_2d)
+    return out.astype(np.dtype(dtype) if dtype is not None else np.float32)
+
+
+def quantize_nvfp4(
+    x: np.ndarray, *, global_scale: float | None = None, block_2d: bool = False
+) -> np.ndarray:
+    """NVFP4 fake quantization in x's floating dtype (float32 for integers). 16-bit inputs
+    round twice: to float32 (``decode_nvfp4``'s quotient), then to their dtype, as a float32
+    dequantization followed by a cast does."""
+    x = np.asarray(x)
+    out_dtype = x.dtype if _is_float(x.dtype) else np.dtype(np.float32)
+    codes, scales, g = encode_nvfp4(x, global_scale=global_scale, block_2d=block_2d)
+    work = np.float64 if out_dtype == np.float64 else np.float32
+    out = decode_nvfp4(codes, scales, g, block_2d=block_2d, dtype=work)
+    return out.astype(out_dtype).reshape(x.shape)

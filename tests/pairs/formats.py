@@ -131,3 +131,37 @@ register(Pair("formats.unpack", unpack_calls()))
 register(Pair("formats.encode_mx", mx_calls()))
 register(Pair("formats.quantize_mx", mx_calls()))
 register(Pair("formats.decode_mx", decode_mx_calls()))
+
+
+@st.composite
+def nvfp4_calls(draw):
+    dtype = numpy_dtype(draw(float_dtypes))
+    x = draw(
+        float_arrays(dtype=np.float64, outlier_cols=True, zero_rows=True, max_rows=40, max_cols=80)
+    )
+    if draw(st.booleans()):  # magnitudes far from 1: the global scale does the work
+        x = x * 2.0 ** draw(st.integers(-60, 60))
+    x = _cast(with_specials(draw, x, nan=True), dtype)
+    kwargs: dict = {"block_2d": draw(st.booleans()) and x.ndim >= 2}
+    if draw(st.booleans()):
+        kwargs["global_scale"] = draw(st.sampled_from([1.0, 0.37, 2688.0, 1e-20]))
+    return Call((x,), kwargs)
+
+
+@st.composite
+def decode_nvfp4_calls(draw):
+    rows, n = draw(shapes(40, 80))
+    block_2d = draw(st.booleans())
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    codes = rng.integers(0, 16, size=(rows, n)).astype(np.uint8)
+    scale_shape = (-(-rows // 16), -(-n // 16)) if block_2d else (rows, -(-n // 16))
+    scales = rng.integers(0, 256, size=scale_shape).astype(np.uint8) & 0x7F  # E4M3FN: no sign
+    g = draw(st.sampled_from([1.0, 1120.8252, 3.0e-5]))
+    dtype = draw(st.sampled_from([None, np.float64]))
+    return Call((codes, scales, g), {"block_2d": block_2d, "dtype": dtype})
+
+
+register(Pair("formats.nvfp4_global_scale", nvfp4_calls().map(lambda c: Call(c.args))))
+register(Pair("formats.encode_nvfp4", nvfp4_calls()))
+register(Pair("formats.quantize_nvfp4", nvfp4_calls()))
+register(Pair("formats.decode_nvfp4", decode_nvfp4_calls()))
