@@ -258,6 +258,64 @@ def test_small_blocks_mask_partial_tiles(monkeypatch, n):
     np.testing.assert_array_equal(scales.numpy(), rs)
 
 
+# ---- NVFP4 -------------------------------------------------------------------------------------------
+
+
+def _nvfp4_ties() -> np.ndarray:
+    """Blocks built on every tie: a block scale at each E4M3 midpoint (amax = 6 m, g = 1), and
+    blocks with an exact scale s whose elements sit on every E2M1 rounding boundary b · s and
+    one float32 step either side of it."""
+    e4m3 = R.values(R.E4M3FN)[:127]  # +0 ... 448
+    mids = (e4m3[1:] + e4m3[:-1]) / 2
+    rows = [np.concatenate([[6 * m], np.full(15, m)]) for m in mids[::3]]
+    bounds = np.array([0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0])
+    for s in e4m3[8::9]:  # exact scales across the binades
+        for sign in (1.0, -1.0):
+            elems = np.concatenate([bounds, np.nextafter(bounds.astype(np.float32), np.float32(9))])
+            rows.append(np.concatenate([[6 * s], sign * elems * s, [0.0]]).astype(np.float32))
+            below = np.nextafter((bounds * s).astype(np.float32), np.float32(0))
+            rows.append(np.concatenate([[6 * s], sign * below, [0.0] * 8]))
+    return np.stack(rows).astype(np.float32)
+
+
+@pytest.mark.interpret
+@needs_interpreter
+@pytest.mark.parametrize("src", ["float32", "float16", "bfloat16"])
+def test_nvfp4_matches_reference_on_ties_and_specials(src):
+    rng = np.random.default_rng(7)
+    x = (rng.standard_normal((40, 96)) * np.exp(3 * rng.standard_normal((40, 96)))).astype(
+        np.float32
+    )
+    x[1, :16] = 0.0
+    x[2, 5], x[3, 40], x[4, 70] = np.inf, -np.inf, np.nan
+    x[5, :16] *= 1e-12  # a block whose scale underflows
+    x[6, 3] = -0.0
+    torch_dtype = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}[
+        src
+    ]
+    for data, g in ((x, None), (_nvfp4_ties(), 1.0)):
+        t = torch.from_numpy(data).to(torch_dtype)
+        xn = t.float().numpy()
+        rc, rs, rg = R.encode_nvfp4(xn, global_scale=g)
+        codes, scales = kf.encode_nvfp4(t, torch.tensor(rg))
+        np.testing.assert_array_equal(codes.numpy(), rc)
+        np.testing.assert_array_equal(scales.numpy(), rs)
+        want = torch.from_numpy(R.quantize_nvfp4(xn, global_scale=g)).to(torch_dtype)
+        assert same_values(to_numpy(kf.quantize_nvfp4(t, torch.tensor(rg))), to_numpy(want)).all()
+
+
+@pytest.mark.interpret
+@needs_interpreter
+@pytest.mark.parametrize("n", [1, 15, 17, 48, 100])
+def test_nvfp4_partial_blocks_and_programs(monkeypatch, n):
+    monkeypatch.setattr(kf, "BLOCK", 64)  # 4 blocks of 16 per program: partial programs too
+    x = (np.random.default_rng(n).standard_normal((3, n)) * 5).astype(np.float32)
+    rc, rs, g = R.encode_nvfp4(x)
+    codes, scales = kf.encode_nvfp4(torch.from_numpy(x), torch.tensor(g))
+    np.testing.assert_array_equal(codes.numpy(), rc)
+    np.testing.assert_array_equal(scales.numpy(), rs)
+
+
 # ---- native GPU runs (the fast path dispatches to the kernels) ----------------------------------------
 
 
@@ -333,3 +391,32 @@ def test_fast_dispatch_glue_through_the_kernels(monkeypatch):
         np.testing.assert_array_equal(codes.numpy(), rc)
         np.testing.assert_array_equal(scales.numpy(), rs)
         assert same_values(F.quantize_mx(x, fmt).numpy(), R.quantize_mx(x.numpy(), fmt)).all()
+    for dtype in (torch.float32, torch.float16, torch.bfloat16):
+        t = x.to(dtype)
+        xn = to_numpy(t).astype(np.float32)
+        codes, scales, g = F.encode_nvfp4(t)
+        rc, rs, rg = R.encode_nvfp4(xn)
+        assert float(g) == rg
+        np.testing.assert_array_equal(codes.numpy(), rc)
+        np.testing.assert_array_equal(scales.numpy(), rs)
+        want = torch.from_numpy(R.quantize_nvfp4(xn)).to(dtype)
+        assert same_values(to_numpy(F.quantize_nvfp4(t)), to_numpy(want)).all()
+
+
+@pytest.mark.gpu
+def test_gpu_nvfp4_fast_path_dispatches_and_matches_reference():
+    from lowbit.fast import formats as F
+
+    x = random_fp32(1 << 18, seed=9).reshape(256, 1024)
+    x = np.where(np.isfinite(x), x, 0.0).astype(np.float32)
+    x[3, 7] = np.nan
+    t = torch.from_numpy(x).cuda()
+    codes, scales, g = F.encode_nvfp4(t)
+    rc, rs, rg = R.encode_nvfp4(x)
+    assert float(g) == rg
+    np.testing.assert_array_equal(codes.cpu().numpy(), rc)
+    np.testing.assert_array_equal(scales.cpu().numpy(), rs)
+    for dtype in (torch.float32, torch.bfloat16):
+        got = to_numpy(F.quantize_nvfp4(t.to(dtype)))
+        want = to_numpy(F.quantize_nvfp4(t.to(dtype).cpu()))
+        assert same_values(got, want).all()

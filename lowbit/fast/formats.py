@@ -789,10 +789,15 @@ def _as_float64(x: torch.Tensor) -> torch.Tensor:
 @takes_tensors
 def nvfp4_global_scale(x: torch.Tensor) -> torch.Tensor:
     """(448 · 6) / amax as a 0-d float32 tensor (see the reference); 1 without a usable amax."""
-    x64 = _as_float64(x)
-    amax = torch.where(x64.abs() <= _FLOAT32_MAX, x64.abs(), 0.0).amax() if x64.numel() else None
-    if amax is None:
+    if x.dtype in (torch.float16, torch.bfloat16, torch.float32):
+        a = x.abs()  # up to 32 bits: |x| <= float32's max is finiteness, amax is exact here
+        usable = torch.isfinite(a)
+    else:
+        a = _as_float64(x).abs()
+        usable = a <= _FLOAT32_MAX
+    if not a.numel():
         return torch.ones((), dtype=torch.float32, device=x.device)
+    amax = torch.where(usable, a, 0.0).amax().double()
     g = torch.clamp(_NVFP4_RANGE / amax, max=_FLOAT32_MAX).to(torch.float32)
     return torch.where(amax > 0, g, 1.0)
 
@@ -814,9 +819,14 @@ def encode_nvfp4(
     x: torch.Tensor, *, global_scale: float | torch.Tensor | None = None, block_2d: bool = False
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """NVFP4 -> (E2M1 codes, E4M3FN block-scale codes, float32 global scale); the same float64
-    steps as :func:`lowbit.reference.formats.encode_nvfp4`, so the codes agree bit for bit."""
+    steps as :func:`lowbit.reference.formats.encode_nvfp4`, so the codes agree bit for bit (on
+    CUDA a Triton kernel takes them, for blocks of 16 along the last axis)."""
+    g = _global_scale(global_scale, x)
+    if _use_kernel(x) and not block_2d:
+        from lowbit.kernels import formats as kf
+
+        return (*kf.encode_nvfp4(x, g), g)
     x64 = torch.atleast_1d(_as_float64(x))
-    g = _global_scale(global_scale, x64)
     V = _nvfp4_blocks(x64, block_2d)
     ok = V.abs() <= _FLOAT32_MAX
     nan_block = ~ok.all(-1)
@@ -870,6 +880,10 @@ def quantize_nvfp4(
     """NVFP4 fake quantization in x's floating dtype (16-bit inputs via float32, as the
     reference)."""
     out_dtype = x.dtype if x.dtype.is_floating_point else torch.float32
+    if _use_kernel(x) and not block_2d:
+        from lowbit.kernels import formats as kf
+
+        return kf.quantize_nvfp4(x, _global_scale(global_scale, x))
     codes, scales, g = encode_nvfp4(x, global_scale=global_scale, block_2d=block_2d)
     work = torch.float64 if out_dtype == torch.float64 else torch.float32
     out = decode_nvfp4(codes, scales, g, block_2d=block_2d, dtype=work)

@@ -1,9 +1,10 @@
-"""Triton kernels for the number formats: fake quantization, encode, encode + pack, and OCP MX
-block quantization (E8M0 shared scales).
+"""Triton kernels for the number formats: fake quantization, encode, encode + pack, OCP MX block
+quantization (E8M0 shared scales) and NVFP4 (E4M3 scales per 16 values, a float32 tensor scale).
 
-Every kernel computes in float32 with integer bit operations only (no ``rint``, no casts to
-bf16/fp8), so the same code runs natively on CUDA and on CPU under ``TRITON_INTERPRET=1``, and
-its results are the reference's bit for bit (:mod:`lowbit.reference.formats` documents the
+Every kernel computes with integer bit operations (no ``rint``, no casts to bf16/fp8), in
+float32 except NVFP4's, which takes the reference's float64 steps (its scale and element
+roundings are decided on float64 values, exactly), so the same code runs natively on CUDA and
+on CPU under ``TRITON_INTERPRET=1``, and its results are the reference's bit for bit (:mod:`lowbit.reference.formats` documents the
 steps; :mod:`lowbit.fast.formats` has the same algorithm in torch, ``_encode_bits``).
 
 The launchers take torch tensors (fp16/bf16/fp32; flattened, non-contiguous inputs are copied)
@@ -15,7 +16,8 @@ Such a NaN is encoded as a zero magnitude, like the reference's own loop sees it
 rounding of integer formats takes x - floor(x) in float32 (exact for |x| >= 0.5 or integer x;
 the reference's is float64); for float formats it compares u * 2^shift < remainder exactly.
 
-Public launchers: ``quantize``, ``encode``, ``encode_pack``, ``encode_mx``, ``quantize_mx``.
+Public launchers: ``quantize``, ``encode``, ``encode_pack``, ``encode_mx``, ``quantize_mx``,
+``encode_nvfp4``, ``quantize_nvfp4``.
 """
 
 from __future__ import annotations
@@ -28,9 +30,17 @@ import torch
 import triton
 import triton.language as tl
 
-from lowbit.reference.formats import E8M0FNU, FPFormat, IntFormat, parse_format
+from lowbit.reference.formats import E2M1FN, E4M3FN, E8M0FNU, FPFormat, IntFormat, parse_format
 
-__all__ = ["quantize", "encode", "encode_pack", "encode_mx", "quantize_mx"]
+__all__ = [
+    "quantize",
+    "encode",
+    "encode_pack",
+    "encode_mx",
+    "quantize_mx",
+    "encode_nvfp4",
+    "quantize_nvfp4",
+]
 
 # Elements per program: 1024 natively; far more under the interpreter, which pays ~1 ms per
 # program but vectorises each one with NumPy.
@@ -315,6 +325,88 @@ def _mx_kernel(
         tl.store(scale_ptr + row * n_blocks + blk, scale.to(tl.uint8), mask=blk < n_blocks)
 
 
+# ---- NVFP4 kernel ------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _e4m3_code_f64(v):
+    """E4M3FN code of v >= 0 (float64), round to nearest even, saturating at 448: the rounding
+    point found with int64 bit operations on v's own bits (exact for every float64)."""
+    bits = v.to(tl.int64, bitcast=True)
+    E = (bits >> 52) & 0x7FF
+    log2v = E - 1023
+    e = tl.maximum(log2v, -6)  # E4M3's smallest normal binade
+    sig = (bits & 0xFFFFFFFFFFFFF) | 0x10000000000000
+    shift = tl.minimum(49 + e - log2v, 62)  # keep 3 mantissa bits in binade e; tiny v -> 0
+    r = sig >> shift
+    rem = sig & ((tl.full(shift.shape, 1, tl.int64) << shift) - 1)
+    half = tl.full(shift.shape, 1, tl.int64) << (shift - 1)
+    r = r + ((rem > half) | ((rem == half) & ((r & 1) == 1))).to(tl.int64)
+    code = (e + 6) * 8 + r
+    return tl.where(E == 0, 0, tl.minimum(code, 126)).to(tl.int32)
+
+
+@triton.jit
+def _e2m1_code_f64(q):
+    """E2M1 code of a float64 q, nearest even, saturating at 6: the magnitude code is the number
+    of rounding boundaries below |q| (a tie goes up where the upper code is even)."""
+    a = tl.abs(q)
+    mag = (a > 0.25).to(tl.int32)
+    mag += ((a > 0.75) | (a == 0.75)).to(tl.int32)
+    mag += (a > 1.25).to(tl.int32)
+    mag += ((a > 1.75) | (a == 1.75)).to(tl.int32)
+    mag += (a > 2.5).to(tl.int32)
+    mag += ((a > 3.5) | (a == 3.5)).to(tl.int32)
+    mag += (a > 5.0).to(tl.int32)
+    negative = q.to(tl.int64, bitcast=True) < 0  # -0.0 keeps its sign bit, as in encode()
+    return mag | (negative.to(tl.int32) << 3)
+
+
+@triton.jit
+def _nvfp4_kernel(
+    x_ptr,  # *fp16/bf16/fp32 (rows, n) contiguous
+    g_ptr,  # *fp32 the global scale (one value)
+    out_ptr,  # *uint8 codes (rows, n), or values in x's dtype when QUANTIZE
+    scale_ptr,  # *uint8 E4M3FN scale codes (rows, n_blocks), written when not QUANTIZE
+    e4m3_ptr,  # *fp32 value of every E4M3FN code
+    e2m1_ptr,  # *fp32 value of every E2M1 code
+    n,
+    n_blocks,
+    GROUPS: tl.constexpr,  # NVFP4 blocks (of 16) per program
+    QUANTIZE: tl.constexpr,
+    OUT_BF16: tl.constexpr,
+    IN_BF16: tl.constexpr,
+):
+    row = tl.program_id(0)
+    blk = tl.program_id(1) * GROUPS + tl.arange(0, GROUPS)
+    col = blk[:, None] * 16 + tl.arange(0, 16)[None, :]  # (GROUPS, 16)
+    mask = col < n
+    x = _as_f32(tl.load(x_ptr + row * n + col, mask=mask, other=0), IN_BF16)
+    g = tl.load(g_ptr).to(tl.float64)
+    # the reference's float64 steps: a block with NaN or Inf gets the NaN scale, zero codes
+    finite = (x.to(tl.int32, bitcast=True) & 0x7FFFFFFF) < 0x7F800000
+    nan_block = tl.min(finite.to(tl.int32), axis=1) == 0  # (GROUPS,)
+    x64 = tl.where(finite, x, 0.0).to(tl.float64)
+    amax = tl.max(tl.abs(x64), axis=1)
+    scale_code = _e4m3_code_f64((g * amax) / 6.0)
+    scale = tl.load(e4m3_ptr + scale_code).to(tl.float64)  # (GROUPS,)
+    positive = scale > 0
+    scaled = (x64 * g) / tl.where(positive, scale, 1.0)[:, None]
+    scaled = tl.where((positive & ~nan_block)[:, None], scaled, 0.0)
+    code = _e2m1_code_f64(scaled)
+    if QUANTIZE:
+        value = tl.load(e2m1_ptr + code).to(tl.float64) * scale[:, None] / g
+        value = tl.where(nan_block[:, None], float("nan"), value.to(tl.float32))
+        if OUT_BF16:
+            tl.store(out_ptr + row * n + col, _bf16_bits(value), mask=mask)
+        else:
+            tl.store(out_ptr + row * n + col, value.to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        tl.store(out_ptr + row * n + col, code.to(tl.uint8), mask=mask)
+        scale_code = tl.where(nan_block, 127, scale_code)
+        tl.store(scale_ptr + row * n_blocks + blk, scale_code.to(tl.uint8), mask=blk < n_blocks)
+
+
 # ---- launchers -------------------------------------------------------------------------------------
 
 
@@ -497,4 +589,44 @@ def quantize_mx(x: torch.Tensor, fmt, block: int = 32) -> torch.Tensor:
     return _mx(x, fmt, block, True)
 
 
+def _nvfp4(x: torch.Tensor, global_scale: torch.Tensor, quantize_values: bool):
+    shape = x.shape
+    x = _check_input(torch.atleast_1d(x))
+    n = x.shape[-1]
+    rows = x.numel() // n if n else 0
+    n_blocks = -(-n // 16)
+    groups = max(1, min(BLOCK // 16, triton.next_power_of_2(max(n_blocks, 1))))
+    g = global_scale.to(device=x.device, dtype=torch.float32).reshape(1).contiguous()
+    out_bf16 = quantize_values and x.dtype == torch.bfloat16
+    if quantize_values:
+        out = torch.empty(x.shape, dtype=torch.int16 if out_bf16 else x.dtype, device=x.device)
+        scales = out
+    else:
+        out = torch.empty(x.shape, dtype=torch.uint8, device=x.device)
+        scales = torch.empty(x.shape[:-1] + (n_blocks,), dtype=torch.uint8, device=x.device)
+    if rows and n:
+        _nvfp4_kernel[(rows, triton.cdiv(n_blocks, groups))](
+            _raw(x), g, out, scales, _table(E4M3FN, torch.float32, x.device),
+            _table(E2M1FN, torch.float32, x.device), n, n_blocks, GROUPS=groups,
+            QUANTIZE=quantize_values, OUT_BF16=out_bf16, IN_BF16=x.dtype == torch.bfloat16,
+        )  # fmt: skip
+    if quantize_values:
+        return (out.view(torch.bfloat16) if out_bf16 else out).reshape(shape)
+    return out, scales
+
+
+# Bytes per element: read 2-4, write 1 + 1/16 (scales); float64 arithmetic per element.
+def encode_nvfp4(x: torch.Tensor, global_scale: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """NVFP4 along the last axis with the given float32 global scale -> (uint8 E2M1 codes,
+    uint8 E4M3FN scale codes per 16 values): the reference's float64 steps."""
+    return _nvfp4(x, global_scale, False)
+
+
+# Bytes per element: read 2-4, write 2-4.
+def quantize_nvfp4(x: torch.Tensor, global_scale: torch.Tensor) -> torch.Tensor:
+    """NVFP4 fake quantization along the last axis, in x's dtype (through float32)."""
+    return _nvfp4(x, global_scale, True)
+
+
 assert E8M0FNU.nan_code == 255  # the NaN scale code written by _mx_kernel
+assert E4M3FN.nan_code == 127 and E4M3FN.max_code == 126  # _nvfp4_kernel's constants
