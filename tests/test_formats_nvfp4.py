@@ -151,3 +151,14 @@ def test_given_global_scale_is_used_and_bad_arguments_get_one_line_errors():
         F.decode_nvfp4(torch.from_numpy(codes), torch.from_numpy(scales[:, :1]), float(g))
     with pytest.raises(ValueError, match="cannot quantize"):
         F.encode_nvfp4(torch.zeros(4, dtype=torch.complex64))
+
+
+def test_the_fast_e2m1_boundary_count_is_encode_on_every_tie_and_neighbour():
+    bounds = torch.tensor(
+        [0.0, 0.25, 0.75, 1.25, 1.75, 2.5, 3.5, 5.0, 6.0, 7.0], dtype=torch.float64
+    )
+    near = torch.cat(
+        [bounds, torch.nextafter(bounds, bounds + 1), torch.nextafter(bounds, bounds - 1)]
+    )
+    q = torch.cat([near, -near, torch.randn(1000, dtype=torch.float64) * 4, torch.tensor([1e300])])
+    assert torch.equal(F._e2m1_codes(q), F.encode(q, R.E2M1FN, saturate=True))

@@ -575,3 +575,43 @@ def test_embedding_bad_input_and_eval_before_training():
     emb = N.Int4Embedding(table)
     assert torch.isfinite(emb(torch.tensor([0, 1]))).all()  # rows without the NaN
     assert torch.isnan(emb(torch.tensor([2, 1]))).all()  # poisoned, not turned into a code
+
+
+def test_nvfp4_stochastic_rounding_is_unbiased_and_never_clips():
+    """Each draw is one of two NVFP4 neighbours, and the mean over seeds is x within a
+    Hoeffding bound (family-wise 1e-6). Without the scale bump a block's largest element,
+    up to 6.375 units, would clip to 6: a bias of up to 0.375 units, above the bound."""
+    from lowbit.fast import formats
+
+    torch.manual_seed(2)
+    x = torch.randn(4, 64) * torch.randn(64).exp()
+    repeats = 1000
+    draws = torch.stack([N._nv_fp4(x, seed=k) for k in range(repeats)]).double()
+    _, codes, g = formats.encode_nvfp4(x)
+    up = formats.decode(torch.clamp(codes + 1, max=126), "e4m3fn", dtype=torch.float64)
+    unit = torch.repeat_interleave(up, 16, -1) / g.double()  # >= the (possibly bumped) unit
+    spread = draws.amax(0) - draws.amin(0)
+    assert (spread <= 2 * unit * (1 + 1e-6)).all()  # two neighbours at most (float32 draws)
+    bound = 2 * unit * math.sqrt(math.log(2 * x.numel() / 1e-6) / (2 * repeats))
+    assert ((draws.mean(0) - x.double()).abs() <= bound).all()
+
+
+def test_fp4_training_linear_nvfp4_forward_uses_tiled_weights_and_trains():
+    from lowbit.fast import formats
+
+    torch.manual_seed(3)
+    lin = nn.Linear(64, 48)
+    layer = N.FP4TrainingLinear(lin, fmt="nvfp4")
+    x = torch.randn(40, 64)
+    expected = (
+        formats.quantize_nvfp4(x) @ formats.quantize_nvfp4(lin.weight.detach(), block_2d=True).t()
+    )
+    torch.testing.assert_close(layer(x).detach(), expected + lin.bias.detach(), rtol=0, atol=0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.GELU(), nn.Linear(64, 1))
+    convert_for_training(model, recipe="nvfp4", skip=(), progress=False)
+    assert all(m.fmt == "nvfp4" for m in model.modules() if isinstance(m, N.FP4TrainingLinear))
+    xr, yr = _regression_data()
+    losses = _train(model, xr, yr)
+    assert sum(losses[-10:]) < 0.3 * sum(losses[:10])
+    with pytest.raises(ValueError, match="fmt='fp6' is invalid"):
+        N.FP4TrainingLinear(lin, fmt="fp6")

@@ -99,10 +99,11 @@ def _parser() -> _Parser:
         "train",
         help="train with 4-bit integers (Int4Linear) against full precision",
         description="The 4-bit training experiments of the report at full length: a small LLaMA "
-        "language model from scratch with four recipes (FP32, LSQ only, HQ + bit split, HQ + "
-        "LSS) and MiniLM fine-tuned to name a passage's play (FP32 vs HQ + LSS). Writes "
-        "training.md, training.csv and the loss and accuracy plots to --out. About 15 minutes "
-        "on 2 cores at the defaults.",
+        "language model from scratch with the paper's four recipes (FP32, LSQ only, HQ + bit "
+        "split, HQ + LSS) and two of current hardware, emulated (MXFP4, NVFP4), and MiniLM "
+        "fine-tuned to name a passage's play (FP32 vs HQ + LSS). Writes training.md, "
+        "training.csv and the loss and accuracy plots to --out. About 17 minutes on 2 cores "
+        "at the defaults.",
     )
     train.add_argument("--model", metavar="NAME", default="minilm",
                        help="minilm (default) or smollm2: whose tokenizer the LM uses; the "

@@ -814,6 +814,21 @@ def _global_scale(global_scale, x: torch.Tensor) -> torch.Tensor:
     return g
 
 
+# E2M1's rounding boundaries, and whether a tie there goes up (to the even code above)
+_E2M1_BOUNDS = ((0.25, False), (0.75, True), (1.25, False), (1.75, True), (2.5, False),
+                (3.5, True), (5.0, False))  # fmt: skip
+
+
+def _e2m1_codes(q: torch.Tensor) -> torch.Tensor:
+    """E2M1 codes of float64 values, nearest even, saturating: the number of boundaries below
+    |q| (what ``encode(q, E2M1FN)`` returns, in 7 comparisons instead of bit-level steps)."""
+    a = q.abs()
+    mag = torch.zeros(q.shape, dtype=torch.uint8, device=q.device)
+    for bound, tie_up in _E2M1_BOUNDS:
+        mag += (a >= bound) if tie_up else (a > bound)
+    return mag | (torch.signbit(q).to(torch.uint8) << 3)
+
+
 @takes_tensors
 def encode_nvfp4(
     x: torch.Tensor, *, global_scale: float | torch.Tensor | None = None, block_2d: bool = False
@@ -836,7 +851,7 @@ def encode_nvfp4(
     scale_codes = encode((g64 * amax) / E2M1FN.max_value, E4M3FN, saturate=True)
     scale = decode(scale_codes, E4M3FN, dtype=torch.float64)[..., None]
     scaled = torch.where(scale > 0, (V * g64) / torch.where(scale > 0, scale, 1.0), 0.0)
-    codes = encode(torch.where(nan_block[..., None], 0.0, scaled), E2M1FN, saturate=True)
+    codes = _e2m1_codes(torch.where(nan_block[..., None], 0.0, scaled))
     scale_codes = torch.where(nan_block, E4M3FN.nan_code, scale_codes).to(torch.uint8)
     return _nvfp4_unblocks(codes, tuple(x64.shape), block_2d), scale_codes, g
 

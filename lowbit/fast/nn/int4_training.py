@@ -354,6 +354,32 @@ def _mx_fp4(x: torch.Tensor, seed: int | None = None) -> torch.Tensor:
     return q * scale / 0.75
 
 
+def _nv_fp4(x: torch.Tensor, seed: int | None = None, tiles: bool = False) -> torch.Tensor:
+    """NVFP4 fake quantization (E2M1 elements, an E4M3 scale per 16 values along the last axis
+    or per 16 x 16 tile, a float32 tensor scale): round to nearest even, or stochastically
+    with ``seed``. Stochastic blocks take the next E4M3 scale up where the nearest one is
+    below amax / 6, so that no element lies above 6 scale units, where rounding would clip:
+    the unbiased variant (the recipe's round-to-nearest scale clips up to 1/16 above 6)."""
+    from lowbit.fast import formats
+
+    if seed is None:
+        return formats.quantize_nvfp4(x, block_2d=tiles)
+    _, scale_codes, g = formats.encode_nvfp4(x)  # 1 x 16 blocks along the last axis
+    n = x.shape[-1]
+    blocks = torch.nn.functional.pad(x.double(), (0, -n % 16)).reshape(*x.shape[:-1], -1, 16)
+    need = g.double() * blocks.abs().amax(-1) / 6  # the exact scale that maps amax onto 6
+    scale = formats.decode(scale_codes, "e4m3fn", dtype=torch.float64)
+    bumped = formats.decode(torch.clamp(scale_codes + 1, max=126), "e4m3fn", dtype=torch.float64)
+    scale = torch.where(scale < need, bumped, scale)
+    unit = torch.repeat_interleave(scale / g.double(), 16, dim=-1)[..., :n]  # x per E2M1 unit
+    unit = torch.where(unit > 0, unit, 1.0)  # an all-zero block: any unit, its codes are 0
+    q = formats.quantize((x.double() / unit), "e2m1", rounding="stochastic", seed=seed)
+    return (q * unit).float()
+
+
+_FP4_QUANTIZERS = {"mxfp4": _mx_fp4, "nvfp4": _nv_fp4}
+
+
 def _random_hadamard(n: int, block: int, seed: int, device) -> torch.Tensor:
     """blockdiag(D_i H_block), n = a multiple of ``block``: random signs D_i (seeded) times the
     orthonormal Hadamard matrix, so the product is orthogonal (Q Q^T = I)."""
@@ -367,13 +393,18 @@ def _random_hadamard(n: int, block: int, seed: int, device) -> torch.Tensor:
 
 class _FP4TrainingFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, weight, bias, seed: int):
+    def forward(ctx, x, weight, bias, seed: int, fmt: str):
         rows = x.reshape(-1, x.shape[-1]).float()
         w = weight.float()
-        y = _mx_fp4(rows) @ _mx_fp4(w).t()  # blocks along the reduction dim (in)
+        fp4 = _FP4_QUANTIZERS[fmt]
+        # blocks along the reduction dim (in); NVFP4 weights in 16 x 16 tiles, so that the
+        # dgrad's W^T is the same quantized matrix, transposed
+        w_q = _nv_fp4(w, tiles=True) if fmt == "nvfp4" else fp4(w)
+        y = fp4(rows) @ w_q.t()
         if bias is not None:
             y = y + bias.float()
-        ctx.save_for_backward(rows, w)
+        ctx.save_for_backward(rows, w, w_q)
+        ctx.fmt = fmt
         ctx.seed, ctx.has_bias, ctx.shapes = (
             seed,
             bias is not None,
@@ -383,38 +414,45 @@ class _FP4TrainingFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_y):
-        rows, w = ctx.saved_tensors
+        rows, w, w_q = ctx.saved_tensors
         x_shape, x_dtype, w_dtype = ctx.shapes
+        fp4 = _FP4_QUANTIZERS[ctx.fmt]
         g = grad_y.reshape(-1, grad_y.shape[-1]).float()  # (tokens, out)
         # dgrad: reduction over out; the gradient rounded stochastically
-        grad_x = _mx_fp4(g, ctx.seed) @ _mx_fp4(w.t()).t()
+        w_t = w_q.t() if ctx.fmt == "nvfp4" else fp4(w.t().contiguous())
+        grad_x = fp4(g, ctx.seed) @ w_t.t()
         # wgrad: reduction over tokens, both operands rotated by a 16 x 16 random Hadamard
         tokens = g.shape[0]
         padded = -(-tokens // 16) * 16
         g_pad = torch.nn.functional.pad(g, (0, 0, 0, padded - tokens))
         x_pad = torch.nn.functional.pad(rows, (0, 0, 0, padded - tokens))
         q = _random_hadamard(padded, 16, ctx.seed + 1, g.device)  # (tokens, tokens), orthogonal
-        g_rot = _mx_fp4((q.t() @ g_pad).t().contiguous(), ctx.seed + 2)  # (out, tokens)
-        x_rot = _mx_fp4((q.t() @ x_pad).t().contiguous())  # (in, tokens)
+        g_rot = fp4((q.t() @ g_pad).t().contiguous(), ctx.seed + 2)  # (out, tokens)
+        x_rot = fp4((q.t() @ x_pad).t().contiguous())  # (in, tokens)
         grad_w = g_rot @ x_rot.t()
         grad_b = g.sum(0) if ctx.has_bias else None
-        return grad_x.reshape(x_shape).to(x_dtype), grad_w.to(w_dtype), grad_b, None
+        return grad_x.reshape(x_shape).to(x_dtype), grad_w.to(w_dtype), grad_b, None, None
 
 
 class FP4TrainingLinear(nn.Module):
     """A comparison recipe beyond the paper: FP4 training as 2025-26 hardware does it, emulated
-    in float32 (MXFP4 fake quantization, not a 4-bit GEMM).
+    in float32 (FP4 fake quantization, not a 4-bit GEMM).
 
-    Forward: MXFP4 X and W (E2M1, blocks of 32 along the reduction dimension, E8M0 scales),
-    round to nearest. Backward: the output gradient rounded stochastically (after the 3/4
-    shrink that keeps it unbiased); the weight-gradient GEMM, whose reduction runs over tokens,
-    rotates both operands by a 16 x 16 random Hadamard transform first (Tseng et al., "Training
-    LLMs with MXFP4", 2025; NVIDIA's NVFP4 recipe does the same with 16-element blocks). A new
-    seed per training step, as ``Int4Linear``. Not registered for saving: it is an experiment.
+    ``fmt="mxfp4"``: X and W in MXFP4 (E2M1, blocks of 32 along the reduction dimension, E8M0
+    scales), round to nearest; the output gradient rounded stochastically (after the 3/4
+    shrink that keeps it unbiased). ``fmt="nvfp4"``: NVFP4 (blocks of 16 with E4M3 scales and a
+    tensor scale; W in 16 x 16 tiles), the gradient rounded stochastically with its block scale
+    rounded up where needed (unbiased). Both: the weight-gradient GEMM, whose reduction runs
+    over tokens, rotates both operands by a 16 x 16 random Hadamard transform first (Tseng et
+    al., "Training LLMs with MXFP4", 2025; NVIDIA's NVFP4 recipe). A new seed per training
+    step, as ``Int4Linear``. Not registered for saving: it is an experiment.
     """
 
-    def __init__(self, linear: nn.Linear, seed: int = 0):
+    def __init__(self, linear: nn.Linear, seed: int = 0, fmt: str = "mxfp4"):
         super().__init__()
+        if fmt not in _FP4_QUANTIZERS:
+            raise ValueError(f"fmt={fmt!r} is invalid: use 'mxfp4' or 'nvfp4'")
+        self.fmt = fmt
         self.in_features, self.out_features = linear.in_features, linear.out_features
         self.weight = nn.Parameter(linear.weight.detach().clone())
         self.bias = nn.Parameter(linear.bias.detach().clone()) if linear.bias is not None else None
@@ -425,7 +463,7 @@ class FP4TrainingLinear(nn.Module):
         if self.training and torch.is_grad_enabled():
             seed = _mix(self.seed, self.calls, _rank()) % (1 << 62)
             self.calls += 1
-        return _FP4TrainingFunction.apply(x, self.weight, self.bias, seed)
+        return _FP4TrainingFunction.apply(x, self.weight, self.bias, seed, self.fmt)
 
     def to_linear(self) -> nn.Linear:
         lin = nn.Linear(self.in_features, self.out_features, bias=self.bias is not None)
@@ -614,13 +652,14 @@ def convert_for_training(
             "v_proj"]``); ``None`` converts every linear not in ``skip``.
         skip: names kept in full precision (the heads, as in the paper's recipe).
         progress: a progress bar over the layers.
-        recipe: ``"int4"`` (``Int4Linear``, the paper) or ``"mxfp4"`` (``FP4TrainingLinear``,
-            the FP4 recipe of current hardware, emulated: a comparison).
+        recipe: ``"int4"`` (``Int4Linear``, the paper), or ``"mxfp4"`` / ``"nvfp4"``
+            (``FP4TrainingLinear``, the FP4 recipes of current hardware, emulated: a
+            comparison).
         embeddings: also quantize the output of every ``nn.Embedding`` (``Int4Embedding``:
             word, position and token-type tables, as the official BERT recipe does); by default
             the embeddings stay in full precision. Only with ``recipe="int4"``.
         **options: ``Int4Linear``'s options (``bits``, ``sampling``, ``clip``, ``block``, ...);
-            only ``seed`` for ``"mxfp4"``. ``bits``, ``rounding`` and ``max_block`` apply to
+            only ``seed`` for the FP4 recipes. ``bits``, ``rounding`` and ``max_block`` apply to
             the embeddings too.
 
     Swap back with ``lowbit.fast.convert.restore_linears(model)`` (the trained float weights
@@ -635,12 +674,14 @@ def convert_for_training(
     else:
         suffixes = tuple(layers)
         chosen = lambda name, linear: name.endswith(suffixes)  # noqa: E731
-    if recipe not in ("int4", "mxfp4"):
-        raise ValueError(f"recipe={recipe!r} is invalid: use 'int4' (the paper) or 'mxfp4'")
-    if recipe == "mxfp4":
+    if recipe not in ("int4", *_FP4_QUANTIZERS):
+        raise ValueError(
+            f"recipe={recipe!r} is invalid: use 'int4' (the paper), 'mxfp4' or 'nvfp4'"
+        )
+    if recipe != "int4":
         unknown = sorted(set(options) - {"seed"})
         if unknown:
-            raise ValueError(f"recipe='mxfp4' takes only seed=, got {', '.join(unknown)}")
+            raise ValueError(f"recipe={recipe!r} takes only seed=, got {', '.join(unknown)}")
     else:
         Int4Linear(1024, 1, **options)  # check the options once, before any layer is touched
 
@@ -650,8 +691,8 @@ def convert_for_training(
     def make(name: str, linear: nn.Linear) -> nn.Module | None:
         if not chosen(name, linear):
             return None
-        if recipe == "mxfp4":
-            return FP4TrainingLinear(linear, **options)
+        if recipe != "int4":
+            return FP4TrainingLinear(linear, fmt=recipe, **options)
         return Int4Linear.from_linear(linear, **options)
 
     replace_linears(model, make, skip=skip, progress=progress)
