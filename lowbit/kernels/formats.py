@@ -169,6 +169,15 @@ def _bf16_bits(v):
     return tl.where((bits & 0x7FFFFFFF) > 0x7F800000, quiet_nan, rounded).to(tl.int16)
 
 
+@triton.jit
+def _store_values(ptrs, value, mask, OUT_BF16: tl.constexpr):
+    """Store float32 values in the output's dtype; bf16 as rounded bits (see _bf16_bits)."""
+    if OUT_BF16:
+        tl.store(ptrs, _bf16_bits(value), mask=mask)
+    else:
+        tl.store(ptrs, value.to(ptrs.dtype.element_ty), mask=mask)
+
+
 # ---- elementwise kernels -------------------------------------------------------------------------
 
 
@@ -315,10 +324,7 @@ def _mx_kernel(
     if QUANTIZE:
         value = tl.load(table_ptr + code, mask=mask) * _pow2(s)[:, None]  # one rounding
         value = tl.where(nan_block[:, None], float("nan"), value)
-        if OUT_BF16:
-            tl.store(out_ptr + row * n + col, _bf16_bits(value), mask=mask)
-        else:
-            tl.store(out_ptr + row * n + col, value.to(out_ptr.dtype.element_ty), mask=mask)
+        _store_values(out_ptr + row * n + col, value, mask, OUT_BF16)
     else:
         tl.store(out_ptr + row * n + col, code.to(tl.uint8), mask=mask)
         scale = tl.where(nan_block, 255, s + 127)
@@ -397,10 +403,7 @@ def _nvfp4_kernel(
     if QUANTIZE:
         value = tl.load(e2m1_ptr + code).to(tl.float64) * scale[:, None] / g
         value = tl.where(nan_block[:, None], float("nan"), value.to(tl.float32))
-        if OUT_BF16:
-            tl.store(out_ptr + row * n + col, _bf16_bits(value), mask=mask)
-        else:
-            tl.store(out_ptr + row * n + col, value.to(out_ptr.dtype.element_ty), mask=mask)
+        _store_values(out_ptr + row * n + col, value, mask, OUT_BF16)
     else:
         tl.store(out_ptr + row * n + col, code.to(tl.uint8), mask=mask)
         scale_code = tl.where(nan_block, 127, scale_code)
@@ -541,6 +544,18 @@ def encode_pack(
     return out
 
 
+def _block_outputs(x: torch.Tensor, n_blocks: int, quantize_values: bool):
+    """The block kernels' outputs: values in x's dtype (bf16 stored as int16 bits), or uint8
+    codes with uint8 scale codes per block; and whether the values are bf16 bits."""
+    out_bf16 = quantize_values and x.dtype == torch.bfloat16
+    if quantize_values:
+        out = torch.empty(x.shape, dtype=torch.int16 if out_bf16 else x.dtype, device=x.device)
+        return out, out, out_bf16
+    out = torch.empty(x.shape, dtype=torch.uint8, device=x.device)
+    scales = torch.empty(x.shape[:-1] + (n_blocks,), dtype=torch.uint8, device=x.device)
+    return out, scales, out_bf16
+
+
 def _mx(x: torch.Tensor, fmt, block: int, quantize_values: bool):
     fmt = parse_format(fmt)
     if not isinstance(fmt, FPFormat) or not fmt.signed or fmt.bits > 8:
@@ -557,13 +572,7 @@ def _mx(x: torch.Tensor, fmt, block: int, quantize_values: bool):
         1, min(BLOCK // 32, max(1, 4096 // block_p2), triton.next_power_of_2(max(n_blocks, 1)))
     )
     table = _table(fmt, torch.float32, x.device)
-    out_bf16 = quantize_values and x.dtype == torch.bfloat16
-    if quantize_values:
-        out = torch.empty(x.shape, dtype=torch.int16 if out_bf16 else x.dtype, device=x.device)
-        scales = out
-    else:
-        out = torch.empty(x.shape, dtype=torch.uint8, device=x.device)
-        scales = torch.empty(x.shape[:-1] + (n_blocks,), dtype=torch.uint8, device=x.device)
+    out, scales, out_bf16 = _block_outputs(x, n_blocks, quantize_values)
     if rows and n:
         _mx_kernel[(rows, triton.cdiv(n_blocks, groups))](
             _raw(x), out, scales, table, n, n_blocks,
@@ -597,13 +606,7 @@ def _nvfp4(x: torch.Tensor, global_scale: torch.Tensor, quantize_values: bool):
     n_blocks = -(-n // 16)
     groups = max(1, min(BLOCK // 16, triton.next_power_of_2(max(n_blocks, 1))))
     g = global_scale.to(device=x.device, dtype=torch.float32).reshape(1).contiguous()
-    out_bf16 = quantize_values and x.dtype == torch.bfloat16
-    if quantize_values:
-        out = torch.empty(x.shape, dtype=torch.int16 if out_bf16 else x.dtype, device=x.device)
-        scales = out
-    else:
-        out = torch.empty(x.shape, dtype=torch.uint8, device=x.device)
-        scales = torch.empty(x.shape[:-1] + (n_blocks,), dtype=torch.uint8, device=x.device)
+    out, scales, out_bf16 = _block_outputs(x, n_blocks, quantize_values)
     if rows and n:
         _nvfp4_kernel[(rows, triton.cdiv(n_blocks, groups))](
             _raw(x), g, out, scales, _table(E4M3FN, torch.float32, x.device),
