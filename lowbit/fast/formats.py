@@ -846,7 +846,7 @@ def encode_nvfp4(
     ok = V.abs() <= _FLOAT32_MAX
     nan_block = ~ok.all(-1)
     V = torch.where(ok, V, 0.0)
-    amax = V.abs().amax(-1) if V.shape[-1] else V.sum(-1)
+    amax = V.abs().amax(-1)
     g64 = g.double()
     scale_codes = encode((g64 * amax) / E2M1FN.max_value, E4M3FN, saturate=True)
     scale = decode(scale_codes, E4M3FN, dtype=torch.float64)[..., None]
