@@ -39,6 +39,17 @@ def test_quick_section_rows_and_figures(ctx):
     assert "(held-out loss)" in table and "(accuracy)" in table
 
 
+def test_the_default_run_leaves_the_fine_tuning_to_full(ctx, monkeypatch):
+    """Without --quick / --full the section trains the language models only (time budget)."""
+    monkeypatch.setattr(ctx, "quick", False)
+    monkeypatch.setattr(section, "train_language_models", lambda c, s: [])
+    monkeypatch.setattr(section, "curves_figure", lambda runs, title: b"")
+    monkeypatch.setattr(section, "fine_tune_play_classifier", lambda *a, **k: pytest.fail("ran"))
+    assert section.int4_training_rows(ctx) == []
+    assert section.INT4_TRAINING["lm_steps"] < section.INT4_TRAINING_FULL["lm_steps"]
+    assert section.INT4_TRAINING_FULL["fine_tune"] and section.TRAIN_DEFAULTS["fine_tune"]
+
+
 def test_language_model_data_splits_plays_and_compacts_the_vocabulary(ctx):
     vocab, train, test = section.language_model_data(ctx.tokenizer, 64)
     assert 1000 < vocab < ctx.tokenizer.vocab_size

@@ -313,8 +313,8 @@ class _TinyLlamaContext:
     higher_is_better = True
     progress = False
 
-    def __init__(self, quick: bool):
-        self.quick = quick
+    def __init__(self, quick: bool, full: bool = False):
+        self.quick, self.full = quick, full
         self.figures: dict[str, bytes] = {}
         self.calib_texts, self.eval_texts = ["calibration"], ["evaluation"]
         self.model = _tiny_llama(init=0.3)
@@ -349,32 +349,43 @@ class _TinyLlamaContext:
         raise NotImplementedError("this stand-in has no token stream")
 
 
-@pytest.mark.parametrize("quick", [True, False])
-def test_report_section_rows(quick):
+@pytest.mark.parametrize("tier", ["quick", "default", "full"])
+def test_report_section_rows(tier):
     from lowbit.fast import report
     from lowbit.fast.report import omniquant as section
 
-    ctx = _TinyLlamaContext(quick)
+    ctx = _TinyLlamaContext(quick=tier == "quick", full=tier == "full")
     assert isinstance(ctx, report.ReportContext)
     rows = report.omniquant_rows(ctx)
     labels = [r.config for r in rows]
-    assert labels[:3] == ["W4A16 RTN", "W4A16 LWC", "W4A16 LWC+LET"]
-    assert len(rows) == 3 * len(section.OMNIQUANT_SETTINGS)
+    settings = [s[0] for s in section.OMNIQUANT_SETTINGS]
+    if tier != "full":  # the three settings where OmniQuant gains most
+        settings = [s for s in settings if s in section.OMNIQUANT_DEFAULT]
+        assert settings == ["W3A16 g128", "W2A16 g64", "W4A4"]
+    assert labels == [f"{s} {m}" for s in settings for m in ("RTN", "LWC", "LWC+LET")]
     by = {r.config: r for r in rows}
     # stored bits: codes + 48 bits of scale and zero point per group; per channel (and with
     # g64 / g128 here, as no linear has more than 64 inputs) that is one group per row
     lins = ctx.linears().values()
     per_row = 48 * sum(m.out_features for m in lins) / sum(m.weight.numel() for m in lins)
-    assert by["W4A16 RTN"].wbits == pytest.approx(4 + per_row)
+    assert by["W4A4 RTN"].wbits == pytest.approx(4 + per_row)
     assert by["W2A16 g64 RTN"].wbits == pytest.approx(2 + per_row)
-    assert by["W4A4 RTN"].abits == 4.0 and by["W4A16 RTN"].abits is None
-    assert by["W4A16 LWC+LET"].weight_rel_err is None  # LET-rescaled weights are not comparable
-    assert by["W6A6 RTN"].act_rel_err is not None
+    assert by["W4A4 RTN"].abits == 4.0 and by["W3A16 g128 RTN"].abits is None
+    assert by["W3A16 g128 LWC+LET"].weight_rel_err is None  # LET-rescaled: not comparable
+    assert by["W4A4 RTN"].act_rel_err is not None
+    if tier == "full":
+        assert by["W4A16 RTN"].wbits == pytest.approx(4 + per_row)
+        assert by["W6A6 RTN"].act_rel_err is not None and by["W4A16 RTN"].abits is None
     assert all(-1.0 <= r.quality <= 1.0 + 1e-6 for r in rows)
-    settings = section.OMNIQUANT_CALIB_QUICK if quick else section.OMNIQUANT_CALIB
-    assert f"{settings['epochs']} epochs" in by["W3A16 g128 LWC"].note
+    calib = report.for_tier(
+        ctx,
+        section.OMNIQUANT_CALIB,
+        quick=section.OMNIQUANT_CALIB_QUICK,
+        full=section.OMNIQUANT_CALIB_FULL,
+    )
+    assert f"{calib['epochs']} epochs" in by["W3A16 g128 LWC"].note
     assert "aug_loss" in by["W4A4 LWC+LET"].note and "Q/K/V" in by["W4A4 RTN"].note
-    if not quick:  # training helps where RTN is worst
+    if tier != "quick":  # training helps where RTN is worst
         assert by["W3A16 g128 LWC"].quality > by["W3A16 g128 RTN"].quality
 
 

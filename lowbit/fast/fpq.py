@@ -762,15 +762,19 @@ def _search(
                 wq_float = _once(partial(quantized_w_t, iw, w_cur[iw]))
                 for j in range(len(afmts)):
                     a_cur[j] = search_a_bias(j, iw, wq_int, wq_float)
-            elif step_name == "wf":
+            elif step_name == "wf":  # linear()'s arithmetic, the fixed X quantized once
+                Xq = quantize(x, afmts[ia], a_effective(ia, a_cur[ia])).to(work)
                 errs = torch.stack(
-                    [mse(output(j, w_cur[j], ia, a_cur[ia])) for j in range(len(wfmts))]
-                )
+                    [mse(Xq @ quantize(w, f, v[:, None]).to(work).T + bias_vec)
+                     for f, v in zip(wfmts, w_cur)]
+                )  # fmt: skip
                 iw = int(torch.argmin(errs))
-            else:
+            else:  # the fixed W quantized once
+                WqT = quantize(w, wfmts[iw], w_cur[iw][:, None]).to(work).T
                 errs = torch.stack(
-                    [mse(output(iw, w_cur[iw], j, a_cur[j])) for j in range(len(afmts))]
-                )
+                    [mse(quantize(x, f, a_effective(j, a_cur[j])).to(work) @ WqT + bias_vec)
+                     for j, f in enumerate(afmts)]
+                )  # fmt: skip
                 ia = int(torch.argmin(errs))
 
     shift = preshift(a_b0c[ia], afmts[ia], tensor_bias=a_cur[ia])[1] if preshifted else None

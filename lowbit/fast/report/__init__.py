@@ -39,7 +39,7 @@ from .context import (
     ReportContext,
     build_context,
 )
-from .frame import Row, Section, format_table
+from .frame import TIERS, Row, Section, for_tier, format_table
 from .frame import run_report as _run_sections
 
 # One line per method: the section modules, in report order.
@@ -63,6 +63,8 @@ from .omniquant import omniquant_rows  # noqa: E402
 __all__ = [
     "Row",
     "Section",
+    "TIERS",
+    "for_tier",
     "Context",
     "ReportContext",
     "BlockInputs",
@@ -93,6 +95,7 @@ def run_report(
     progress: bool = True,
     *,
     quick: bool = False,
+    full: bool = False,
     seed: int = 0,
     smollm2_path: str | os.PathLike[str] | None = None,
 ) -> list[Row]:
@@ -100,7 +103,9 @@ def run_report(
 
     ``calib_size`` / ``eval_size``: passages of each split (default per model,
     ``DEFAULT_SIZES``: 32 / 64 for MiniLM, 8 / 16 for SmolLM2; ``QUICK_SIZES`` with
-    ``quick=True``, which also shrinks each section's own settings: a smoke test).
+    ``quick=True``, which also shrinks each section's own settings: a smoke test). ``full=True``
+    runs every experiment at the longer settings (about 6 minutes on MiniLM against the
+    default's 3).
 
     Prints the plan with a rough expected time (stderr) before the sections start. Raises
     ``ValueError`` for an unknown model or method, sizes out of range or an unwritable
@@ -109,6 +114,6 @@ def run_report(
     """
     return _run_sections(
         SECTIONS, model, methods, calib_size, eval_size, out_dir, progress,
-        quick=quick, seed=seed, smollm2_path=smollm2_path,
+        quick=quick, full=full, seed=seed, smollm2_path=smollm2_path,
         context_factory=lambda *args, **kwargs: build_context(*args, **kwargs),
     )  # fmt: skip

@@ -17,7 +17,8 @@ nothing runs that no selected section asked for:
   shipped text, AdamW steps with a progress bar) for methods that train (4-bit training);
 * ``evaluate(model)`` and ``fp_quality``: the report's quality measure;
 * ``figures``: extra PNGs a section wants written next to the report;
-* ``quick``: True under ``lowbit report --quick`` (sections shrink their own settings).
+* ``quick`` / ``full``: True under ``lowbit report --quick`` / ``--full`` (sections pick their
+  own settings for the tier, ``frame.for_tier``).
 """
 
 from __future__ import annotations
@@ -72,6 +73,7 @@ class ReportContext(Protocol):
     higher_is_better: bool
     progress: bool
     quick: bool
+    full: bool
     figures: dict[str, bytes]
     tokenizer: Any
 
@@ -110,6 +112,7 @@ class Context:
         max_calib_tokens: int = 2048,
         progress: bool = True,
         quick: bool = False,
+        full: bool = False,
     ) -> None:
         if model_name not in MODELS:
             raise ValueError(f"unknown model {model_name!r}; choose one of {', '.join(MODELS)}")
@@ -124,7 +127,10 @@ class Context:
         self.batch_size = batch_size
         self.max_calib_tokens = max_calib_tokens
         self.progress = progress
+        if quick and full:
+            raise ValueError("a report runs --quick or --full, not both")
         self.quick = quick
+        self.full = full
         self.quality_name = "embedding cosine" if model_name == "minilm" else "perplexity"
         self.higher_is_better = model_name == "minilm"
         self.figures: dict[str, bytes] = {}  # extra PNGs from sections, written by run_report
@@ -362,6 +368,7 @@ def build_context(
     seed: int = 0,
     progress: bool = True,
     quick: bool = False,
+    full: bool = False,
     smollm2_path: str | os.PathLike[str] | None = None,
 ) -> Context:
     """Load ``model`` ("minilm" or "smollm2") and the text splits into a ``Context``."""
@@ -376,7 +383,14 @@ def build_context(
             net, tokenizer = real_models.load_smollm2(smollm2_path)
     if model == "minilm":
         return Context(
-            model, net, tokenizer, calib_texts, eval_texts, progress=progress, quick=quick
+            model,
+            net,
+            tokenizer,
+            calib_texts,
+            eval_texts,
+            progress=progress,
+            quick=quick,
+            full=full,
         )
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -392,4 +406,5 @@ def build_context(
         max_calib_tokens=1024,
         progress=progress,
         quick=quick,
+        full=full,
     )

@@ -26,6 +26,9 @@ from .context import DEFAULT_SIZES, MODELS, QUICK_SIZES, Context, ReportContext,
 __all__ = [
     "Row",
     "Section",
+    "TIERS",
+    "tier_of",
+    "for_tier",
     "FakeQuantLinear",
     "rel_err",
     "mean",
@@ -56,23 +59,39 @@ class Row:
     metric: str | None = None
 
 
+TIERS = ("default", "quick", "full")
+"""The report's settings tiers: ``lowbit report`` (a few minutes), ``--quick`` (a smoke test,
+numbers not meaningful) and ``--full`` (longer calibration and training, every experiment)."""
+
+
+def tier_of(ctx: ReportContext) -> str:
+    """The tier ``ctx`` runs at: "quick", "full" or "default"."""
+    return "quick" if ctx.quick else "full" if ctx.full else "default"
+
+
+def for_tier(ctx: ReportContext, default: Any, *, quick: Any, full: Any) -> Any:
+    """``default``, or ``quick`` / ``full`` under ``--quick`` / ``--full``: a section's settings."""
+    return {"default": default, "quick": quick, "full": full}[tier_of(ctx)]
+
+
 @dataclass(frozen=True)
 class Section:
     """One method's part of the report, declared in that method's own section module.
 
-    ``build(ctx)`` returns its rows. ``evaluations`` (model evaluations it runs) and
-    ``extra_seconds`` (calibration / search time on an idle 2-core machine at the default and
-    at the ``--quick`` settings) give the rough time printed before the run starts.
+    ``build(ctx)`` returns its rows. ``evaluations`` (model evaluations it runs at the default
+    settings) and ``extra_seconds`` (calibration / search / training time on an idle 2-core
+    machine at the default, ``--quick`` and ``--full`` settings, in ``TIERS`` order, including
+    the evaluations a tier adds or drops) give the rough time printed before the run starts.
     """
 
     key: str  # the name --methods takes
     title: str
     build: Callable[[ReportContext], list[Row]]
     evaluations: int
-    extra_seconds: tuple[float, float] = (0.0, 0.0)
+    extra_seconds: tuple[float, float, float] = (0.0, 0.0, 0.0)
 
-    def expected_seconds(self, seconds_per_evaluation: float, quick: bool) -> float:
-        return self.evaluations * seconds_per_evaluation + self.extra_seconds[int(quick)]
+    def expected_seconds(self, seconds_per_evaluation: float, tier: str = "default") -> float:
+        return self.evaluations * seconds_per_evaluation + self.extra_seconds[TIERS.index(tier)]
 
 
 # -- metrics ---------------------------------------------------------------------------------
@@ -357,6 +376,7 @@ def run_report(
     progress: bool = True,
     *,
     quick: bool = False,
+    full: bool = False,
     seed: int = 0,
     smollm2_path: str | os.PathLike[str] | None = None,
     context_factory: Callable[..., Context] = build_context,
@@ -364,6 +384,9 @@ def run_report(
     """Run the selected ``sections`` on ``model``, print and write the report (see the package
     docstring); ``context_factory`` takes ``build_context``'s arguments."""
     chosen = _check_methods(methods, sections)
+    if quick and full:
+        raise ValueError("--quick and --full exclude each other; pass one of them")
+    tier = "quick" if quick else "full" if full else "default"
     if model not in MODELS:
         raise ValueError(f"unknown model {model!r} for --model; choose one of {', '.join(MODELS)}")
     defaults = QUICK_SIZES if quick else DEFAULT_SIZES[model]
@@ -381,19 +404,21 @@ def run_report(
         seed=seed,
         progress=progress,
         quick=quick,
+        full=full,
         smollm2_path=smollm2_path,
     )
     start = time.perf_counter()
     fp_quality = ctx.fp_quality
     per_evaluation = time.perf_counter() - start
     plan = ", ".join(
-        f"{sections[k].title} (~{sections[k].expected_seconds(per_evaluation, quick):.0f} s)"
+        f"{sections[k].title} (~{sections[k].expected_seconds(per_evaluation, tier):.0f} s)"
         for k in chosen
     )
-    total = sum(sections[k].expected_seconds(per_evaluation, quick) for k in chosen)
+    total = sum(sections[k].expected_seconds(per_evaluation, tier) for k in chosen)
+    flag = "" if tier == "default" else f" (--{tier})"
     print(
-        f"lowbit report on {model}{' (--quick)' if quick else ''}: {plan}; expected about "
-        f"{total / 60:.1f} min on an idle 2-core machine",
+        f"lowbit report on {model}{flag}: {plan}; expected about {total / 60:.1f} min on an "
+        "idle 2-core machine",
         file=sys.stderr,
     )
     fp_counts = [lin.weight.numel() for lin in ctx.linears().values()]
@@ -415,8 +440,10 @@ def run_report(
         rows.extend(sections[key].build(ctx))
 
     table = format_table(rows, ctx.quality_name)
+    label = {"default": "", "quick": " (--quick: tiny calibration, a smoke test)",
+             "full": " (--full: longer calibration and training, every experiment)"}[tier]  # fmt: skip
     header = (
-        f"# lowbit report: {model}{' (--quick: tiny calibration, a smoke test)' if quick else ''}\n\n"
+        f"# lowbit report: {model}{label}\n\n"
         f"Quality: {ctx.quality_name} ({'higher' if ctx.higher_is_better else 'lower'} is better) "
         f"on {len(ctx.eval_texts)} evaluation passages; calibration on {len(ctx.calib_texts)} "
         f"passages from other plays. Sizes count the quantized linears' weights and scales.\n\n"

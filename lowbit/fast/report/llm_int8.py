@@ -161,4 +161,6 @@ def llm_int8_rows(ctx: ReportContext) -> list[Row]:
     return rows
 
 
-SECTION = Section("llm_int8", "LLM.int8()", llm_int8_rows, evaluations=3, extra_seconds=(3.0, 1.0))
+SECTION = Section(
+    "llm_int8", "LLM.int8()", llm_int8_rows, evaluations=3, extra_seconds=(3.0, 1.0, 3.0)
+)
