@@ -60,7 +60,7 @@ class Row:
 
 
 TIERS = ("default", "quick", "full")
-"""The report's settings tiers: ``lowbit report`` (a few minutes), ``--quick`` (a smoke test,
+"""The report's settings tiers: ``lowbit report`` (under 3 minutes), ``--quick`` (a smoke test,
 numbers not meaningful) and ``--full`` (longer calibration and training, every experiment)."""
 
 
@@ -386,7 +386,6 @@ def run_report(
     chosen = _check_methods(methods, sections)
     if quick and full:
         raise ValueError("--quick and --full exclude each other; pass one of them")
-    tier = "quick" if quick else "full" if full else "default"
     if model not in MODELS:
         raise ValueError(f"unknown model {model!r} for --model; choose one of {', '.join(MODELS)}")
     defaults = QUICK_SIZES if quick else DEFAULT_SIZES[model]
@@ -407,6 +406,7 @@ def run_report(
         full=full,
         smollm2_path=smollm2_path,
     )
+    tier = tier_of(ctx)
     start = time.perf_counter()
     fp_quality = ctx.fp_quality
     per_evaluation = time.perf_counter() - start
