@@ -62,6 +62,7 @@ API_TITLES = {
     "models": "Models",
     "data": "Data",
     "cli": "Command line",
+    "testing": "Testing kit",
 }
 SUBPACKAGE_TITLES = {
     "reference": "Reference (NumPy / Numba)",

@@ -25,8 +25,8 @@ import ml_dtypes
 import numpy as np
 import pytest
 
+from lowbit.fast.testing.strategies import ML_DTYPES
 from lowbit.reference import formats as F
-from tests.strategies import ML_DTYPES
 
 ROOT = Path(__file__).resolve().parent.parent
 DOCS = ROOT / "docs"

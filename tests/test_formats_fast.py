@@ -18,9 +18,9 @@ import pytest
 import torch
 
 from lowbit.fast import formats as F
+from lowbit.fast.testing.strategies import ML_DTYPES, random_fp32
 from lowbit.reference import formats as R
 from tests.harness import to_numpy, to_torch
-from tests.strategies import ML_DTYPES, random_fp32
 
 pytestmark = pytest.mark.filterwarnings("ignore:invalid value encountered in cast:RuntimeWarning")
 

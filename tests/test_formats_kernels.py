@@ -16,9 +16,9 @@ import numpy as np
 import pytest
 import torch
 
+from lowbit.fast.testing.strategies import random_fp32
 from lowbit.reference import formats as R
 from tests.harness import to_numpy, to_torch
-from tests.strategies import random_fp32
 
 kf = pytest.importorskip("lowbit.kernels.formats")
 

@@ -2,7 +2,7 @@
 truth: ml_dtypes' E2M1 and E4M3 casts, exhaustive nearest-value search over each block's
 grid, and the format's edge cases (zero, NaN and Inf blocks, underflowing scales, values beyond
 float32, ragged tiles, 16-bit dtypes). The fast path's agreement bit for bit is the pair
-tests' job (tests/pairs/formats.py); here both sides run the edge cases."""
+tests' job (lowbit/fast/testing/pairs/formats.py); here both sides run the edge cases."""
 
 from __future__ import annotations
 

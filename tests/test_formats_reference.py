@@ -15,8 +15,8 @@ import torch
 from hypothesis import given
 from hypothesis import strategies as st
 
+from lowbit.fast.testing.strategies import ML_DTYPES, fp_formats, int_formats, values_for
 from lowbit.reference import formats as F
-from tests.strategies import ML_DTYPES, fp_formats, int_formats, values_for
 
 SOURCES = {"float16": np.float16, "bfloat16": ml_dtypes.bfloat16}
 

@@ -18,12 +18,12 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from lowbit.fast import fpq as F
+from lowbit.fast.testing.strategies import float_arrays, fpq_formats, values_for
+from lowbit.fast.testing.tiers import EXACT, MATMUL
 from lowbit.reference import formats
 from lowbit.reference import fpq as R
 from lowbit.reference.formats import FPFormat
 from tests.harness import compare
-from tests.strategies import float_arrays, fpq_formats, values_for
-from tests.tolerances import EXACT, MATMUL
 
 E3M0, E2M1, E1M2 = FPFormat(3, 0), FPFormat(2, 1), FPFormat(1, 2)
 

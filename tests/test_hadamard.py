@@ -8,8 +8,8 @@ import pytest
 import torch
 
 from lowbit.fast import hadamard as F
+from lowbit.fast.testing.tiers import MatmulTier
 from lowbit.reference import hadamard as R
-from tests.tolerances import MatmulTier
 
 SIZES = [1, 2, 4, 8, 64, 128, 1024]
 

@@ -11,11 +11,15 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from lowbit.fast import llm_int8 as F
+from lowbit.fast.testing.pairs import PAIRS
+from lowbit.fast.testing.pairs.llm_int8 import (
+    llm_int8_matmul_calls,
+    llm_int8_naive_matmul,
+    llm_int8_x_arrays,
+)
+from lowbit.fast.testing.tiers import EXACT, FP32, MATMUL
 from lowbit.reference import llm_int8 as R
 from tests.harness import assert_matches_reference, to_torch
-from tests.pairs import PAIRS
-from tests.pairs.llm_int8 import llm_int8_matmul_calls, llm_int8_naive_matmul, llm_int8_x_arrays
-from tests.tolerances import EXACT, FP32, MATMUL
 
 DTYPES = ["float16", "bfloat16", "float32"]
 
@@ -224,7 +228,7 @@ def test_decomposition_recovers_planted_outliers():
 
 
 def _matmul_calls(dtypes=DTYPES):
-    """(x, w, bias, kwargs) from the pair's strategy (tests/pairs/llm_int8.py)."""
+    """(x, w, bias, kwargs) from the pair's strategy (lowbit/fast/testing/pairs/llm_int8.py)."""
     return llm_int8_matmul_calls(dtypes).map(lambda c: (*c.args, c.kwargs))
 
 

@@ -34,9 +34,9 @@ from lowbit.fast.nn import (
     QuantizedLinear,
     register_module,
 )
+from lowbit.fast.testing.pairs import PAIRS
+from lowbit.fast.testing.tiers import MATMUL
 from lowbit.reference import llm_int8 as R
-from tests.pairs import PAIRS
-from tests.tolerances import MATMUL
 
 
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
@@ -243,7 +243,7 @@ def test_convert_llama_skips_lm_head_and_round_trips(tmp_path):
 
 
 def test_nn_is_a_package_whose_method_files_all_register():
-    """lowbit.fast.nn is listed as "nn" (tests/pairs.py's TORCH_ONLY_MODULES relies on it), every
+    """lowbit.fast.nn is listed as "nn" (the pairs' TORCH_ONLY_MODULES relies on it), every
     method file in fast/nn/ is imported by the package (its one registration line), and each
     module class of the protocol defined there (a QuantizedLinear, or a trainable one such as
     Int4Linear) is registered and re-exported under its name."""

@@ -12,7 +12,7 @@ from hypothesis import strategies as st
 
 from lowbit.fast import omniquant as F
 from lowbit.fast.nn.omniquant import OmniQuantLinear
-from tests.tolerances import MATMUL
+from lowbit.fast.testing.tiers import MATMUL
 
 
 def _kernels():

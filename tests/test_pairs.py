@@ -15,8 +15,8 @@ from hypothesis import strategies as st
 
 import lowbit.fast
 import lowbit.reference
+from lowbit.fast.testing.pairs import PAIRS, TORCH_ONLY_MODULES
 from tests.harness import assert_matches_reference
-from tests.pairs import PAIRS, TORCH_ONLY_MODULES
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -65,7 +65,7 @@ FAST_FUNCTIONS = dict(_public_fast_functions())
 def test_every_public_fast_function_has_a_pair():
     missing = sorted(set(FAST_FUNCTIONS) - set(PAIRS))
     assert not missing, (
-        f"public fast functions without a pair in tests/pairs/<method>.py: {missing}"
+        f"public fast functions without a pair in lowbit/fast/testing/pairs/<method>.py: {missing}"
     )
 
 

@@ -1,6 +1,6 @@
 """The uniform integer quantizer (lowbit.{reference,fast}.uniform) against independent truths.
 
-The reference/fast agreement itself is the pair tests' job (tests/pairs/uniform.py). Here:
+The reference/fast agreement itself is the pair tests' job (lowbit/fast/testing/pairs/uniform.py). Here:
 hand-derived codes, an exact-arithmetic oracle that loops over rows and groups and picks the
 nearest code by brute force, the plain-torch baseline the module replaces, torch's own
 fake-quantization where its conventions coincide, zero rows, short last groups, shapes and

@@ -10,8 +10,8 @@ from __future__ import annotations
 import numpy as np
 from hypothesis import strategies as st
 
-from tests.pairs import Call, Pair, register
-from tests.strategies import float_arrays, float_dtypes, numpy_dtype
+from lowbit.fast.testing.pairs import Call, Pair, register
+from lowbit.fast.testing.strategies import float_arrays, float_dtypes, numpy_dtype
 
 POWERS = st.sampled_from([1, 2, 4, 8, 16, 32, 64, 128, 256])
 

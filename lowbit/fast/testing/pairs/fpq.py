@@ -5,9 +5,9 @@ from __future__ import annotations
 import numpy as np
 from hypothesis import strategies as st
 
-from tests.pairs import Call, Pair, register
-from tests.strategies import float_arrays, fpq_formats
-from tests.tolerances import MatmulTier
+from lowbit.fast.testing.pairs import Call, Pair, register
+from lowbit.fast.testing.strategies import float_arrays, fpq_formats
+from lowbit.fast.testing.tiers import MatmulTier
 
 
 @st.composite
@@ -32,7 +32,7 @@ def quantize_calls(draw, dtypes=("float32", "float16", "float64", "bfloat16"), n
     """Inputs with outlier columns and zero rows; sometimes with +-Inf (clipped to the largest
     value), NaN (kept; ``nan=False`` for encode, which refuses it) and subnormals of the
     input dtype, at biases of every shape."""
-    from tests.strategies import numpy_dtype
+    from lowbit.fast.testing.strategies import numpy_dtype
 
     fmt = draw(fpq_formats)
     dtype = numpy_dtype(draw(st.sampled_from(dtypes)))

@@ -11,8 +11,8 @@ from __future__ import annotations
 import numpy as np
 from hypothesis import strategies as st
 
-from tests.pairs import Call, Pair, register
-from tests.strategies import float_arrays, numpy_dtype
+from lowbit.fast.testing.pairs import Call, Pair, register
+from lowbit.fast.testing.strategies import float_arrays, numpy_dtype
 
 DTYPES = ["float32", "float16", "bfloat16", "float64"]
 GROUPS = st.sampled_from([None, None, 1, 3, 8, 16, 32, 33, 128])

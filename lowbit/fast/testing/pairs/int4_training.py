@@ -15,9 +15,9 @@ import numpy as np
 import torch
 from hypothesis import strategies as st
 
-from tests.pairs import Call, Pair, register
-from tests.strategies import float_arrays, float_dtypes, numpy_dtype
-from tests.tolerances import EXACT, MATMUL, FormatTier
+from lowbit.fast.testing.pairs import Call, Pair, register
+from lowbit.fast.testing.strategies import float_arrays, float_dtypes, numpy_dtype
+from lowbit.fast.testing.tiers import EXACT, MATMUL, FormatTier
 
 BITS = st.sampled_from([2, 3, 4, 4, 8])
 ROUNDINGS = st.sampled_from(["half_even", "half_away"])

@@ -12,9 +12,9 @@ from __future__ import annotations
 import numpy as np
 from hypothesis import strategies as st
 
-from tests.pairs import Call, Pair, register
-from tests.strategies import dims, float_arrays, numpy_dtype
-from tests.tolerances import EXACT
+from lowbit.fast.testing.pairs import Call, Pair, register
+from lowbit.fast.testing.strategies import dims, float_arrays, numpy_dtype
+from lowbit.fast.testing.tiers import EXACT
 
 BITS = st.sampled_from([2, 3, 4, 5, 6, 7, 8, 16])
 GROUP_SIZES = st.sampled_from([1, 2, 3, 7, 16, 32, 33, 64, 128, 500])

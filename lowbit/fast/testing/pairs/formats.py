@@ -5,9 +5,8 @@ from __future__ import annotations
 import numpy as np
 from hypothesis import strategies as st
 
-from lowbit.reference.formats import FPFormat, parse_format
-from tests.pairs import Call, Pair, register
-from tests.strategies import (
+from lowbit.fast.testing.pairs import Call, Pair, register
+from lowbit.fast.testing.strategies import (
     _cast,
     float_arrays,
     float_dtypes,
@@ -18,6 +17,7 @@ from tests.strategies import (
     shapes,
     values_for,
 )
+from lowbit.reference.formats import FPFormat, parse_format
 
 any_format = st.one_of(fp_formats(), int_formats(), named_formats().map(parse_format))
 mx_format = st.one_of(

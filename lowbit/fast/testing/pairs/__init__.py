@@ -1,35 +1,28 @@
 """Registry of reference/fast pairs (DESIGN.md section 2, the mirror rule).
 
 Every public function of ``lowbit.fast.<module>`` is registered with a Hypothesis strategy for
-its inputs (NumPy side) and its tolerance tier. ``tests/test_pairs.py`` runs every pair under
-Hypothesis through ``assert_matches_reference`` and fails when a public fast function is missing
-from ``PAIRS`` or its signature differs from the reference's.
+its inputs (NumPy side) and its tolerance tier. lowbit's ``tests/test_pairs.py`` runs every pair
+under Hypothesis and fails when a public fast function is missing from ``PAIRS`` or its
+signature differs from the reference's; ``lowbit.fast.testing.assert_matches_reference`` draws
+a user's inputs from the same strategies.
 
-One file per method, ``tests/pairs/<method>.py``, calls ``register(Pair(...))`` at import; a new
-method adds its file and its name to ``METHODS`` below (strategies that several methods share
-live in ``tests/strategies.py``).
+One file per method, ``lowbit/fast/testing/pairs/<method>.py``, calls ``register(Pair(...))``
+at import; a new method adds its file and its name to ``METHODS`` below (strategies that
+several methods share live in ``lowbit.fast.testing.strategies``).
 """
 
 from __future__ import annotations
 
 import importlib
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
 
-from hypothesis import strategies as st
-
-from tests.tolerances import EXACT, ExactTier, FormatTier, MatmulTier
+from lowbit.fast.testing._hypothesis import st  # one line if Hypothesis is missing
+from lowbit.fast.testing.harness import Call
+from lowbit.fast.testing.tiers import EXACT, ExactTier, FormatTier, MatmulTier
 
 TIERS = (ExactTier, FormatTier, MatmulTier)
-
-
-@dataclass(frozen=True)
-class Call:
-    """The arguments of one call: NumPy arrays and plain values."""
-
-    args: tuple
-    kwargs: dict = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -53,7 +46,7 @@ class Pair:
 PAIRS: dict[str, Pair] = {}
 
 # Fast modules that are not mirrored (they exist only on the torch side: DESIGN.md section 1).
-TORCH_ONLY_MODULES = {"nn", "convert", "cli", "models", "report", "data"}
+TORCH_ONLY_MODULES = {"nn", "convert", "cli", "models", "report", "data", "testing"}
 
 
 def register(pair: Pair) -> Pair:
@@ -67,4 +60,4 @@ def register(pair: Pair) -> Pair:
 METHODS = ("formats", "uniform", "llm_int8", "fpq", "omniquant", "hadamard", "int4_training")
 
 for _method in METHODS:
-    importlib.import_module(f"tests.pairs.{_method}")
+    importlib.import_module(f"lowbit.fast.testing.pairs.{_method}")

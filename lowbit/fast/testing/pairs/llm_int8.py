@@ -6,8 +6,8 @@ from __future__ import annotations
 import numpy as np
 from hypothesis import strategies as st
 
-from tests.pairs import Call, Pair, register
-from tests.tolerances import MATMUL
+from lowbit.fast.testing.pairs import Call, Pair, register
+from lowbit.fast.testing.tiers import MATMUL
 
 
 def llm_int8_x_arrays(dtypes, max_rows=65, max_cols=70):
@@ -16,7 +16,7 @@ def llm_int8_x_arrays(dtypes, max_rows=65, max_cols=70):
     scale None = a random power of ten (float16: 1e-3 to 10, so that the x10-x100 outlier
     columns stay finite); 2.0 puts typical values just below the thresholds.
     """
-    from tests.strategies import float_arrays, numpy_dtype
+    from lowbit.fast.testing.strategies import float_arrays, numpy_dtype
 
     def arrays(dtype, scale):
         return float_arrays(

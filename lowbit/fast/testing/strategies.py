@@ -1,21 +1,27 @@
-"""Hypothesis strategies shared by every method's tests.
+"""Hypothesis strategies for testing quantization code (lowbit's own tests use them too).
 
-* ``shapes``: 2-D shapes around tile edges (1, 15/16/17, 31/32/33, 63/64/65, 127/128/129) and
-  primes such as 113 x 203, plus empty dimensions when asked.
+* ``shapes`` / ``dims``: 2-D shapes around tile edges (1, 15/16/17, 31/32/33, 63/64/65,
+  127/128/129) and primes such as 113 x 203, plus empty dimensions when asked.
 * ``float_arrays``: finite random-normal data with a random scale, optionally with planted
-  outlier rows/columns and all-zero rows.
-* ``values_for``: values that hit every region of a format (grid points, ties, subnormals,
-  overflow, signed zeros, Inf and NaN); every fp16 / bf16 bit pattern is swept exhaustively in
-  the formats tests instead of sampled.
-* ``fp_formats`` / ``int_formats``: random ExMy formats (ebits + mbits <= 7, all three
-  ``specials``, signed and unsigned, with and without subnormals) and n-bit ints; ``fpq_formats``: LLM-FP4's (signed, no
-  reserved code).
+  outlier rows/columns and all-zero rows; ``outlier_rows``: the same with outlier rows (LLM.int8's
+  and FPQ's per-token case) and sometimes a zero row.
+* ``bit_patterns``: arrays of raw float16 / bfloat16 / float32 bit patterns (subnormals, Inf,
+  NaN payloads and all).
+* ``values_for(fmt)``: values that hit every region of a format (grid points, ties,
+  subnormals, overflow, signed zeros, Inf and NaN).
+* ``formats``: any lowbit format (random ExMy floats, n-bit ints, the named formats);
+  ``fp_formats`` / ``int_formats`` / ``named_formats`` separately; ``fpq_formats``: LLM-FP4's
+  (signed, no reserved code).
+
+Every fp16 / bf16 bit pattern is better swept exhaustively than sampled:
+``lowbit.fast.testing.exhaustive_16bit``.
 """
 
 from __future__ import annotations
 
 import numpy as np
-from hypothesis import strategies as st
+
+from lowbit.fast.testing._hypothesis import st  # one line if Hypothesis is missing
 
 TILE_EDGES = [1, 2, 3, 7, 15, 16, 17, 31, 32, 33, 63, 64, 65, 113, 127, 128, 129, 203]
 
@@ -62,9 +68,11 @@ def float_arrays(
 
 
 def _cast(x: np.ndarray, dtype) -> np.ndarray:
-    if np.dtype(dtype).name == "bfloat16":
-        return x.astype(np.float32).astype(dtype)
-    return x.astype(dtype)
+    """``x`` in ``dtype``; values beyond its range become +-Inf (test inputs want them)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        if np.dtype(dtype).name == "bfloat16":
+            return x.astype(np.float32).astype(dtype)
+        return x.astype(dtype)
 
 
 float_dtypes = st.sampled_from(["float16", "bfloat16", "float32", "float64"])
@@ -124,6 +132,42 @@ def named_formats():
     from lowbit.reference.formats import NAMED_FORMATS
 
     return st.sampled_from(sorted(k for k, f in NAMED_FORMATS.items() if f.bits <= 8))
+
+
+def formats(max_bits: int = 8):
+    """Any lowbit format object: a random ExMy float, an n-bit int or a named format."""
+    from lowbit.reference.formats import parse_format
+
+    return st.one_of(fp_formats(max_bits), int_formats(max_bits), named_formats().map(parse_format))
+
+
+def outlier_rows(shape=None, dtype=np.float32, max_rows: int = 129, max_cols: int = 129):
+    """Random-normal arrays whose rows sometimes include a few 10-100x outlier rows and an
+    all-zero row: the per-token cases (absmax rows, empty rows) that quantizers get wrong."""
+    return float_arrays(
+        shape, dtype, outlier_rows=True, zero_rows=True, max_rows=max_rows, max_cols=max_cols
+    )
+
+
+_BITS: dict[str, tuple[type, int]] = {
+    "float16": (np.uint16, 16),
+    "bfloat16": (np.uint16, 16),
+    "float32": (np.uint32, 32),
+}
+
+
+@st.composite
+def bit_patterns(draw, dtype="float32", shape=None, max_side: int = 129):
+    """Arrays of uniformly random bit patterns of ``dtype`` ("float16", "bfloat16" or
+    "float32"): every class of input (subnormals, Inf, NaN with payloads, both zeros) appears."""
+    if dtype not in _BITS:
+        raise ValueError(f"bit_patterns takes float16, bfloat16 or float32, got {dtype!r}")
+    if shape is None:
+        shape = draw(shapes(max_side, max_side))
+    rng = np.random.default_rng(draw(st.integers(0, 2**32 - 1)))
+    uint, n = _BITS[dtype]
+    raw = rng.integers(0, 2**n, size=shape, dtype=np.int64)
+    return raw.astype(uint).view(numpy_dtype(dtype))
 
 
 @st.composite
