@@ -323,6 +323,9 @@ def _ddp_worker(rank: int, world: int, folder: str, options: dict, tag: str) -> 
             opt.step()
         if rank == 0:
             torch.save(model.module.state_dict(), os.path.join(folder, f"{tag}.pt"))
+        # both ranks leave together: a rank that tears gloo down while the other still talks
+        # to it aborts ("terminate called without an active exception", seen on a loaded CI)
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 

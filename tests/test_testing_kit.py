@@ -88,9 +88,47 @@ def test_explicit_inputs_and_keyword_arguments_reach_both_sides():
 def test_codes_are_split_into_the_formats_fields():
     fmt = ref.parse_format("e4m3fn")
     assert kit.describe_code(0x7E, fmt) == "126 = 0b01111110 (s=0 e=1111 m=110)"
+    assert kit.describe_code(0x7E, "e4m3fn") == kit.describe_code(0x7E, fmt)
     assert kit.describe_code(5) == "5 = 0b101"
+    assert kit.describe_code(-3) == "-3 = 0b11111101 (int8)"  # int8 codes: two's complement
     assert kit.describe_bits(-2.0, np.float16) == "-2.0 = fp16 0xc000 (s=1 e=10000 m=0000000000)"
     assert kit.describe_bits(1.0, ml_dtypes.bfloat16).startswith("1.0 = bf16 0x3f80 (s=0")
+    # bits of the value rounded to the dtype (ml_dtypes: 0.1 is 0x3dcd in bf16), not truncated
+    bf16_bits = int(np.array(0.1, np.float32).astype(ml_dtypes.bfloat16).view(np.uint16))
+    assert kit.describe_bits(0.1, ml_dtypes.bfloat16).startswith(f"0.1 = bf16 0x{bf16_bits:04x}")
+    assert "fp16 0x7c00" in kit.describe_bits(1e6, np.float16)  # beyond float16: Inf, no warning
+
+
+def test_tier_b_never_passes_a_nan():
+    truth, naive = np.array([1.0, 2.0, np.inf]), np.array([1.0, 2.0 + 1e-6, np.inf])
+    assert not kit.MATMUL.check_with_naive(naive, truth, naive).any()
+    assert kit.MATMUL.check_with_naive(np.array([np.nan, 2.0, np.inf]), truth, naive).tolist() == [
+        True,
+        False,
+        False,
+    ]
+    assert kit.MATMUL.check_with_naive(np.array([1.0, 2.0, 5.0]), truth, naive)[2]
+
+
+def test_the_ops_own_keywords_reach_both_sides():
+    """``seed`` is an argument of bit splitting's stochastic rounding, not of the kit: both
+    sides get it (the fast path draws the reference's random numbers for a seed)."""
+    from lowbit.fast import int4_training as fast_int4
+
+    g = np.random.default_rng(0).standard_normal((8, 32)).astype(np.float32)
+    calls = [kit.Call((g, 4), {"seed": 7})]
+
+    def seven(g, bits, **kw):  # passes only if the reference ran with seed 7 too
+        assert kw["seed"] == 7
+        return fast_int4.bit_split(g, bits, seed=7)
+
+    kit.assert_matches_reference(seven, "int4_training.bit_split", inputs=calls)
+    with pytest.raises(AssertionError, match="differs"):  # another seed: other roundings
+        kit.assert_matches_reference(
+            lambda g, bits, **kw: fast_int4.bit_split(g, bits, **{**kw, "seed": 8}),
+            "int4_training.bit_split",
+            inputs=calls,
+        )
 
 
 def test_numpy_inputs_and_numpy_outputs():
@@ -136,6 +174,11 @@ def test_exhaustive_sweep_classifies_ties_and_signed_zeros():
     grid = np.unique(ref.values("e2m1fn"))
     ties = (grid[1:] + grid[:-1]) / 2
     assert report.skipped_nan == 2046 + 254  # E2M1 has no NaN code: NaN inputs are left out
+    assert "2300 NaN inputs skipped" in str(report)
+    clean = kit.exhaustive_16bit(fast.quantize, "formats.quantize", "e2m1fn")
+    assert str(clean).endswith(
+        "no mismatches\n  (2300 NaN inputs skipped: the reference refuses them in e2m1fn)"
+    )
     for name, dtype in (("float16", np.float16), ("bfloat16", ml_dtypes.bfloat16)):
         with np.errstate(invalid="ignore"):
             x = np.arange(2**16, dtype=np.uint16).view(dtype).astype(np.float64)
@@ -191,6 +234,28 @@ def test_bad_input_fails_in_one_line():
             "Hypothesis strategy or a list",
         ),
         (lambda: kit.assert_matches_reference(fast.encode, "fpq.search"), "pass inputs="),
+        (
+            lambda: kit.assert_matches_reference(fast.encode, "formats.encode", inputs=[]),
+            "empty list",
+        ),
+        (
+            lambda: kit.assert_matches_reference(
+                fast.encode, "formats.encode", inputs=(np.zeros(2), "e4m3fn")
+            ),
+            "got tuple",
+        ),
+        (
+            lambda: kit.assert_matches_reference(
+                fast.encode, "formats.encode", numpy_inputs=True, device="cpu"
+            ),
+            "no device",
+        ),
+        (  # the reference refuses NaN in a format without NaN: the input's fault, said so
+            lambda: kit.assert_matches_reference(
+                fast.encode, "formats.encode", inputs=[(np.array([np.nan]), "e2m1fn")]
+            ),
+            "lowbit.reference.formats.encode rejects this input",
+        ),
         (lambda: kit.exhaustive_16bit(fast.encode, "formats.encode", 3), "lowbit format"),
     ]
     for call, phrase in cases:
@@ -209,11 +274,14 @@ def test_missing_hypothesis_names_the_extra():
     code = (
         "import sys; sys.modules['hypothesis'] = None\n"
         "import lowbit.fast.testing as kit\n"  # importable without Hypothesis
-        "kit.assert_matches_reference(lambda x, f: x, 'formats.quantize', inputs=[])\n"
+        "import numpy as np\n"  # a list of calls with a tier needs no Hypothesis
+        "kit.assert_matches_reference(lambda x, f: x, 'formats.quantize', tier=kit.EXACT,\n"
+        "                             inputs=[(np.zeros(3, np.float32), 'e2m1fn')])\n"
+        "print('ran without Hypothesis')\n"
         "import lowbit.fast.testing.strategies\n"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
-    assert done.returncode == 1
+    assert done.returncode == 1 and done.stdout == "ran without Hypothesis\n"
     assert done.stderr.strip().splitlines()[-1] == (
         "ImportError: lowbit.fast.testing draws its inputs with Hypothesis, which is not "
         "installed: pip install 'lowbit[testing]'"

@@ -34,7 +34,7 @@ from lowbit.fast.testing.harness import (
     compare,
     describe_bits,
     describe_code,
-    resolve,
+    resolve_reference,
     to_numpy,
     to_torch,
 )
@@ -56,7 +56,6 @@ __all__ = [
     "exhaustive_16bit",
     "ExhaustiveReport",
     "ops",
-    "strategies",
     "compare",
     "describe_bits",
     "describe_code",
@@ -95,6 +94,8 @@ def ops() -> list[str]:
 
 def _converter(device: Any, numpy_inputs: bool) -> Callable[[Any], Any]:
     """NumPy arguments -> what ``fn`` takes: tensors (on ``device``) or NumPy copies."""
+    if numpy_inputs and device is not None:
+        raise ValueError("numpy_inputs=True hands fn NumPy arrays, which have no device: pass one")
     if numpy_inputs:
         return lambda value: _map_arrays(value, lambda a: np.array(a, copy=True))
 
@@ -131,7 +132,7 @@ def _check_op_name(op: Any) -> None:
     if not isinstance(op, str) or op.count(".") != 1:
         raise ValueError(f"op must name a reference function as 'module.function', got {op!r}")
     try:
-        resolve(op)
+        resolve_reference(op)
     except (ImportError, AttributeError):
         raise ValueError(
             f"lowbit has no reference function {op!r}; lowbit.fast.testing.ops() lists them"
@@ -158,15 +159,22 @@ def assert_matches_reference(
     ``op`` (``ops()`` lists the ops that have one). ``tier``: ``EXACT``, a ``FormatTier`` or a
     ``MatmulTier`` (default: the op's own tier, bit-exact for codes). ``max_examples`` and
     ``seed`` drive Hypothesis (the same seed draws the same inputs). Keyword arguments go to
-    both sides on every call (e.g. ``saturate=False``), over those the strategy draws.
+    both sides on every call (e.g. ``saturate=False``), over those the strategy draws. A list
+    of calls with a ``tier`` runs without Hypothesis. A reference that refuses an input raises
+    ``ValueError`` ("lowbit.reference.<op> rejects this input: ..."), not a mismatch.
     """
     _check_op_name(op)
     if not callable(fn):
         raise ValueError(f"fn must be a callable with the signature of lowbit.reference.{op}")
     if isinstance(max_examples, bool) or not isinstance(max_examples, int) or max_examples < 1:
         raise ValueError(f"max_examples must be a positive integer, got {max_examples!r}")
-    pair = _pairs().get(op)
     convert = _converter(device, numpy_inputs)
+    explicit = isinstance(inputs, list)
+    if explicit and not inputs:
+        raise ValueError("inputs is an empty list: give at least one argument tuple")
+    # the op's own strategy and tier live with lowbit's pairs (which need Hypothesis); explicit
+    # calls with a tier run without them
+    pair = None if explicit and tier is not None else _pairs().get(op)
 
     def run(call: Any) -> None:
         call_tier = tier if tier is not None else (pair.tier_for(call) if pair else EXACT)
@@ -179,7 +187,7 @@ def assert_matches_reference(
         check_op(op, *call.args, tier=call_tier, naive=naive, fn=fn, label="yours",
                  to_inputs=convert, **{**call.kwargs, **kwargs})  # fmt: skip
 
-    if isinstance(inputs, (list, tuple)):  # explicit calls: each one, no Hypothesis needed
+    if explicit:  # each call in turn, no Hypothesis needed
         for args in inputs:
             run(_as_call(args))
         return
@@ -196,7 +204,8 @@ def assert_matches_reference(
         strategy = inputs.map(_as_call)
     else:
         raise ValueError(
-            f"inputs must be a Hypothesis strategy or a list of argument tuples, got {type(inputs).__name__}"
+            "inputs must be a Hypothesis strategy or a list of argument tuples, got "
+            f"{type(inputs).__name__}"
         )
     _run_hypothesis(run, strategy, max_examples, seed)
 
@@ -220,6 +229,7 @@ def _run_hypothesis(run: Callable[[Any], None], strategy: Any, max_examples: int
         suppress_health_check=list(HealthCheck),
         print_blob=False,
         phases=[p for p in Phase if p != Phase.explain],  # the report says what differs
+        report_multiple_bugs=False,  # one AssertionError, not an ExceptionGroup
     )
     @given(strategy)
     def check(call: Any) -> None:
@@ -243,7 +253,7 @@ class ExhaustiveReport:
     fmt: str
     counts: dict[str, dict[str, int]] = field(default_factory=dict)
     examples: dict[str, list[str]] = field(default_factory=dict)
-    skipped_nan: int = 0  # NaN inputs left out: the format has no NaN code to compare
+    skipped_nan: int = 0  # NaN inputs left out: the reference refuses them for this format
 
     @property
     def mismatches(self) -> int:
@@ -251,8 +261,13 @@ class ExhaustiveReport:
 
     def __str__(self) -> str:
         head = f"{self.op} on every float16 and bfloat16 bit pattern, format {self.fmt}: "
+        skipped = (
+            f"  ({self.skipped_nan} NaN inputs skipped: the reference refuses them in {self.fmt})"
+            if self.skipped_nan
+            else ""
+        )
         if not self.mismatches:
-            return head + "no mismatches"
+            return head + "no mismatches" + (f"\n{skipped}" if skipped else "")
         lines = [head + f"{self.mismatches} mismatches", "", "| input | " +
                  " | ".join(_CLASSES) + " | total |", "|---" * (len(_CLASSES) + 2) + "|"]  # fmt: skip
         for dtype, counts in self.counts.items():
@@ -261,8 +276,8 @@ class ExhaustiveReport:
         for cls in _CLASSES:
             for example in self.examples.get(cls, []):
                 lines.append(f"  {cls}: {example}")
-        if self.skipped_nan:
-            lines.append(f"  ({self.skipped_nan} NaN inputs skipped: {self.fmt} has no NaN code)")
+        if skipped:
+            lines.append(skipped)
         return "\n".join(lines)
 
 
@@ -309,10 +324,16 @@ def exhaustive_16bit(
     ``formats.quantize``, ``fpq.quantize``, ...); count the mismatching inputs by class.
 
     Raises ``AssertionError`` with the table when anything differs (``raise_on_mismatch=False``:
-    only return the ``ExhaustiveReport``). ``tier`` defaults to ``EXACT``. NaN inputs are left
-    out for formats without a NaN code, which the reference refuses to encode.
+    only return the ``ExhaustiveReport``). ``tier`` defaults to ``EXACT``. Where the reference
+    refuses NaN inputs (a format without a NaN code), they are left out and counted in
+    ``skipped_nan``. Outputs of another shape than the input (block scales) must match too.
     """
-    import ml_dtypes
+    try:
+        import ml_dtypes
+    except ImportError as err:  # pragma: no cover - ml_dtypes comes with lowbit[testing]
+        raise ImportError(
+            "exhaustive_16bit needs ml_dtypes for bfloat16 arrays: pip install 'lowbit[testing]'"
+        ) from err
 
     from lowbit.reference.formats import parse_format
 
@@ -320,7 +341,7 @@ def exhaustive_16bit(
     fmt_obj = parse_format(fmt) if isinstance(fmt, str) else fmt
     if not hasattr(fmt_obj, "mbits"):
         raise ValueError(f"fmt must be a lowbit format or its name, got {fmt!r}")
-    ref_fn = resolve(op)[0]
+    ref_fn = resolve_reference(op)
     convert = _converter(device, numpy_inputs)
     check_tier = EXACT if tier is None else tier
     if isinstance(check_tier, MatmulTier):
@@ -331,37 +352,59 @@ def exhaustive_16bit(
     bits = np.arange(2**16, dtype=np.uint16)
     for name, dtype in (("float16", np.float16), ("bfloat16", ml_dtypes.bfloat16)):
         x = bits.view(dtype)
-        if not getattr(fmt_obj, "has_nan", False):
+        try:
+            ref_outs = ref_fn(x, fmt, **kwargs)
+        except ValueError:
+            # a format without a NaN code refuses NaN inputs: sweep everything else
             with np.errstate(invalid="ignore"):
                 keep = ~np.isnan(x.astype(np.float32))
+            if keep.all():
+                raise
             report.skipped_nan += int(x.size - keep.sum())
             x = x[keep]
-        ref_outs = ref_fn(x, fmt, **kwargs)
+            ref_outs = ref_fn(x, fmt, **kwargs)
         yours = to_numpy(fn(convert(x), fmt, **kwargs))
         refs = list(ref_outs) if isinstance(ref_outs, (tuple, list)) else [ref_outs]
         mine = list(yours) if isinstance(yours, (tuple, list)) else [yours]
-        if len(mine) != len(refs) or any(np.shape(m) != np.shape(r) for m, r in zip(mine, refs)):
+        refs, mine = [np.asarray(r) for r in refs], [np.asarray(m) for m in mine]
+        if len(mine) != len(refs) or any(m.shape != r.shape for m, r in zip(mine, refs)):
             raise AssertionError(
-                f"{op}: your function returns shapes {[np.shape(m) for m in mine]}, the "
-                f"reference {[np.shape(r) for r in refs]}"
+                f"{op}: your function returns shapes {[m.shape for m in mine]}, the "
+                f"reference {[r.shape for r in refs]}"
             )
+        for k, (m, r) in enumerate(zip(mine, refs)):
+            if {m.dtype.kind, r.dtype.kind} & set("uib") and m.dtype != r.dtype:
+                raise AssertionError(
+                    f"{op}: output {k} has dtype {m.dtype} (yours), {r.dtype} (reference)"
+                )
+            if r.shape != x.shape:  # e.g. block scales: compared whole, not classified
+                compare(f"{op} ({name} sweep)", m, r, check_tier, label="yours")
         bad = np.zeros(x.shape, dtype=bool)
-        for m, r in zip(mine, refs):
-            if np.shape(r) == x.shape:
-                bad |= check_tier.check(np.asarray(m), np.asarray(r))
+        first_bad = np.full(x.shape, -1)  # which output differs first, per input
+        for k, (m, r) in enumerate(zip(mine, refs)):
+            if r.shape == x.shape:
+                wrong = check_tier.check(m, r)
+                first_bad = np.where(wrong & ~bad, k, first_bad)
+                bad |= wrong
         classes = _input_classes(x, fmt_obj)
         counts = {c: int(np.sum(bad & (classes == k))) for k, c in enumerate(_CLASSES)}
         report.counts[name] = {c: n for c, n in counts.items() if n}
         for k, cls in enumerate(_CLASSES):
             for i in np.flatnonzero(bad & (classes == k))[: 2 - len(report.examples.get(cls, []))]:
-                ours, theirs = (
-                    np.asarray(mine[0]).reshape(-1)[i],
-                    np.asarray(refs[0]).reshape(-1)[i],
-                )
-                shown = (describe_code(int(ours), fmt_obj), describe_code(int(theirs), fmt_obj)) \
-                    if np.asarray(refs[0]).dtype.kind in "ui" else (repr(float(ours)), repr(float(theirs)))  # fmt: skip
+                j = int(first_bad[i])
+                ours, theirs = mine[j].reshape(-1)[i], refs[j].reshape(-1)[i]
+                if refs[j].dtype.kind in "ui":
+                    code_fmt = fmt_obj if j == 0 else None
+                    shown = (
+                        describe_code(int(ours), code_fmt),
+                        describe_code(int(theirs), code_fmt),
+                    )
+                else:
+                    shown = (repr(float(ours)), repr(float(theirs)))
+                where = f" (output {j})" if len(refs) > 1 else ""
                 report.examples.setdefault(cls, []).append(
-                    f"{describe_bits(float(x[i]), dtype)}: yours {shown[0]}, reference {shown[1]}"
+                    f"{describe_bits(float(x[i]), dtype)}: yours {shown[0]}, reference "
+                    f"{shown[1]}{where}"
                 )
     if raise_on_mismatch and report.mismatches:
         raise AssertionError(str(report))

@@ -83,10 +83,14 @@ def describe_bits(v: float, dtype: Any = np.float32) -> str:
     name = np.dtype(dtype).name if not isinstance(dtype, str) else dtype
     name = name if name in _FLOAT_LAYOUTS else "float32"
     n, e, m = _FLOAT_LAYOUTS[name]
-    if name == "bfloat16":
-        b = int(np.array(v, dtype=np.float32).view(np.uint32)) >> 16
-    else:
-        b = int(np.array(v, dtype=name).view(f"uint{n}"))
+    with np.errstate(over="ignore", invalid="ignore"):  # a value beyond the dtype shows as Inf
+        if name == "bfloat16" and _BF16 is not None:
+            b = int(np.array(v, dtype=np.float32).astype(_BF16).view(np.uint16))
+        elif name == "bfloat16":  # pragma: no cover - without ml_dtypes: round to nearest even
+            u = int(np.array(v, dtype=np.float32).view(np.uint32))
+            b = (u + 0x7FFF + ((u >> 16) & 1)) >> 16 if (u & 0x7FFFFFFF) <= 0x7F800000 else u >> 16
+        else:
+            b = int(np.array(v, dtype=name).view(f"uint{n}"))
     name_short = {"float16": "fp16", "bfloat16": "bf16", "float32": "fp32", "float64": "fp64"}
     return (
         f"{v!r} = {name_short[name]} 0x{b:0{n // 4}x} "
@@ -94,13 +98,19 @@ def describe_bits(v: float, dtype: Any = np.float32) -> str:
     )
 
 
-def describe_code(code: int, fmt: Any = None) -> str:
-    """An integer code in binary, split into sign / exponent / mantissa fields when ``fmt`` (a
-    lowbit FPFormat) is known."""
+def describe_code(code: int, fmt: Any = None, bits: int | None = None) -> str:
+    """An integer code in binary (negative ones in two's complement over ``bits``, default the
+    smallest of 8 / 16 / 32 / 64 that holds them), split into sign / exponent / mantissa fields
+    when ``fmt`` (a lowbit FPFormat or its name) is known."""
     code = int(code)
+    if isinstance(fmt, str):
+        fmt = _format_or_none(fmt)
     ebits, mbits = getattr(fmt, "ebits", None), getattr(fmt, "mbits", None)
     if ebits is None or mbits is None:
-        return f"{code} = 0b{code:b}"
+        if code >= 0:
+            return f"{code} = 0b{code:b}"
+        width = bits or next(w for w in (8, 16, 32, 64) if code >= -(1 << (w - 1)))
+        return f"{code} = 0b{code & ((1 << width) - 1):0{width}b} (int{width})"
     signed = getattr(fmt, "signed", True)
     fields = [f"e={(code >> mbits) & ((1 << ebits) - 1):0{ebits}b}"]
     if mbits:
@@ -108,6 +118,21 @@ def describe_code(code: int, fmt: Any = None) -> str:
     if signed:
         fields.insert(0, f"s={(code >> (ebits + mbits)) & 1}")
     return f"{code} = 0b{code:0{ebits + mbits + int(signed)}b} ({' '.join(fields)})"
+
+
+def _format_or_none(value: Any) -> Any:
+    """A lowbit float format from an argument (a format object or a format name), else None."""
+    if hasattr(value, "ebits"):
+        return value
+    if isinstance(value, str):
+        from lowbit.reference.formats import parse_format
+
+        try:
+            fmt = parse_format(value)
+        except (ValueError, KeyError):
+            return None
+        return fmt if hasattr(fmt, "ebits") else None
+    return None
 
 
 def _fail(
@@ -121,6 +146,8 @@ def _fail(
     inputs: Sequence[Any] = (),
     fmt: Any = None,
 ) -> None:
+    """Raise the report for output ``i_out``; ``inputs`` are the call's positional arguments,
+    ``fmt`` splits the codes of output 0 into fields."""
     f64 = np.asarray(fast).astype(np.float64)
     r64 = np.asarray(ref).astype(np.float64)
     with np.errstate(invalid="ignore"):
@@ -140,8 +167,10 @@ def _fail(
             lines.append(f"  {'input':<{width}} {describe_bits(shown, x.dtype)} (argument {k})")
             break
     if np.asarray(fast).dtype.kind in "ui":
-        lines.append(f"  {label:<{width}} {describe_code(int(fv), fmt)}")
-        lines.append(f"  {'reference':<{width}} {describe_code(int(rv), fmt)}")
+        bits = np.asarray(ref).dtype.itemsize * 8
+        code_fmt = fmt if i_out == 0 else None  # later outputs are scales, not element codes
+        lines.append(f"  {label:<{width}} {describe_code(int(fv), code_fmt, bits)}")
+        lines.append(f"  {'reference':<{width}} {describe_code(int(rv), code_fmt, bits)}")
     else:
         out_dtype = np.asarray(ref).dtype
         lines.append(f"  {label:<{width}} {describe_bits(float(fv), out_dtype)}")
@@ -205,12 +234,17 @@ def check_types(name: str, fast_out: Any, ref_out: Any) -> None:
         )
 
 
+def resolve_reference(op: str) -> Callable:
+    """'formats.encode' -> lowbit.reference.formats.encode."""
+    module, func = op.rsplit(".", 1)
+    return getattr(importlib.import_module(f"lowbit.reference.{module}"), func)
+
+
 def resolve(op: str) -> tuple[Callable, Callable]:
     """'formats.encode' -> (lowbit.reference.formats.encode, lowbit.fast.formats.encode)."""
     module, func = op.rsplit(".", 1)
-    ref = getattr(importlib.import_module(f"lowbit.reference.{module}"), func)
     fast = getattr(importlib.import_module(f"lowbit.fast.{module}"), func)
-    return ref, fast
+    return resolve_reference(op), fast
 
 
 def check_op(
@@ -221,7 +255,7 @@ def check_op(
     grad: Callable[..., Any] | None = None,
     grad_argnums: Sequence[int] = (),
     grad_tier=None,
-    seed: int = 0,
+    grad_seed: int = 0,
     fn: Callable[..., Any] | None = None,
     label: str = "fast",
     to_inputs: Callable[[Any], Any] = to_torch,
@@ -234,12 +268,18 @@ def check_op(
     tier B (``MatmulTier``) needs ``naive(*torch_args, **torch_kwargs)``, the same computation
     in the working precision with plain torch. With ``grad`` (the reference's analytic
     gradient, called as ``grad(*args, grad_output=g, **kwargs)`` and returning one array per
-    entry of ``grad_argnums``), the fast path's autograd gradients are checked too.
+    entry of ``grad_argnums``), the fast path's autograd gradients are checked too, against a
+    random upstream gradient drawn with ``grad_seed``. Every other keyword goes to the op.
     """
-    ref_fn, fast_fn = resolve(op)
-    if fn is not None:
-        fast_fn = fn
-    ref_out = ref_fn(*args, **kwargs)
+    if fn is None:
+        ref_fn, fast_fn = resolve(op)
+        ref_out = ref_fn(*args, **kwargs)
+    else:  # someone's kernel: a reference that refuses the input is not the kernel's failure
+        ref_fn, fast_fn = resolve_reference(op), fn
+        try:
+            ref_out = ref_fn(*args, **kwargs)
+        except (ValueError, TypeError) as err:
+            raise ValueError(f"lowbit.reference.{op} rejects this input: {err}") from err
     t_args, t_kwargs = to_inputs(args), to_inputs(kwargs)
     for i in grad_argnums:
         t_args[i].requires_grad_(True)
@@ -249,13 +289,12 @@ def check_op(
     # precision, as the naive same-precision torch computation does
     if fn is None:  # lowbit's own fast path: tensors in, tensors of the reference's dtypes out
         check_types(op, fast_out, to_numpy(naive_out) if isinstance(tier, MatmulTier) else ref_out)
-    fmt = next((a for a in (*args, *kwargs.values()) if hasattr(a, "ebits")), None)
-    arrays = [a for a in args if isinstance(a, np.ndarray)]
-    compare(op, fast_out, ref_out, tier, naive_out, label=label, inputs=arrays, fmt=fmt)
+    fmt = next((f for f in map(_format_or_none, (*args, *kwargs.values())) if f is not None), None)
+    compare(op, fast_out, ref_out, tier, naive_out, label=label, inputs=args, fmt=fmt)
     if grad is None:
         return
     out0 = fast_out[0] if isinstance(fast_out, (tuple, list)) else fast_out
-    g = np.random.default_rng(seed).standard_normal(tuple(out0.shape))
+    g = np.random.default_rng(grad_seed).standard_normal(tuple(out0.shape))
     ref_grads = grad(*args, grad_output=g, **kwargs)
     fast_grads = torch.autograd.grad(
         out0,

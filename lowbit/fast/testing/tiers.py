@@ -74,9 +74,17 @@ class MatmulTier:
         n = np.asarray(naive, dtype=np.float64)
         if t.size == 0:
             return np.zeros(t.shape, dtype=bool)
-        # The floor is relative to the result's scale, so tiny outputs get no free pass.
-        budget = self.factor * np.max(np.abs(n - t)) + self.floor * np.max(np.abs(t)) + 1e-30
-        return np.abs(f - t) > budget
+        finite = np.isfinite(t)
+        both = finite & np.isfinite(n)
+        # The floor is relative to the result's scale, so tiny outputs get no free pass; the
+        # budget comes from finite elements only (an Inf or NaN would make it Inf or NaN).
+        naive_err = float(np.max(np.abs(n[both] - t[both]))) if both.any() else 0.0
+        scale = float(np.max(np.abs(t[finite]))) if finite.any() else 0.0
+        budget = self.factor * naive_err + self.floor * scale + 1e-30
+        with np.errstate(invalid="ignore"):
+            within = np.abs(f - t) <= budget  # False where f is NaN: a NaN never passes
+            special = (f == t) | (np.isnan(f) & np.isnan(t))  # Inf / NaN truth: the same value
+        return np.where(finite, ~within, ~special)
 
 
 EXACT = ExactTier()
