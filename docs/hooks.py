@@ -63,6 +63,7 @@ API_TITLES = {
     "data": "Data",
     "cli": "Command line",
     "testing": "Testing kit",
+    "export": "Export",
 }
 SUBPACKAGE_TITLES = {
     "reference": "Reference (NumPy / Numba)",

@@ -246,7 +246,7 @@ def _python_blocks(page: Path) -> list[str]:
     return re.findall(r"^```python\n(.*?)^```", page.read_text(encoding="utf-8"), re.M | re.S)
 
 
-@pytest.mark.parametrize("page", ["index.md", "oracle.md"])
+@pytest.mark.parametrize("page", ["index.md", "oracle.md", "export.md"])
 def test_code_on_page_runs(page):
     blocks = _python_blocks(DOCS / page)
     assert blocks, f"no python code blocks in {page}"

@@ -7,6 +7,9 @@
 way, prints the comparison table and writes it, as markdown and CSV, with plots, to ``--out``.
 ``lowbit train [--model NAME] [--steps N] [--epochs N] [--out DIR] [--no-progress]`` runs the
 4-bit training experiments at full length (``lowbit.fast.report.int4_training.run_training``).
+``lowbit export --model NAME --method rtn|fp8 --bits N --group-size N [--asymmetric] --format
+compressed-tensors --out DIR`` writes a quantized model folder other engines load
+(``lowbit.fast.export``).
 
 Bad input (unknown model or method, sizes out of range, a model that is not installed)
 gives one line on stderr, ``lowbit: error: ...``, and exit status 2: never a traceback.
@@ -124,7 +127,55 @@ def _parser() -> _Parser:
     train.add_argument("--out", metavar="DIR", default="lowbit-train",
                        help="output folder (default lowbit-train)")  # fmt: skip
     train.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    export = commands.add_parser(
+        "export",
+        help="quantize a model and write it in a format other engines load",
+        description="Quantize a real model's linear layers with round-to-nearest (lowbit's "
+        "uniform quantizer) and write a complete model folder (config.json with its "
+        "quantization_config, tokenizer files, model.safetensors) that the format's own "
+        "loader reads: compressed-tensors pack-quantized for vLLM and transformers. The "
+        "folder appears only once complete.",
+    )
+    export.add_argument("--model", metavar="NAME", default="minilm",
+                        help="minilm (default) or smollm2")  # fmt: skip
+    export.add_argument("--method", metavar="NAME", default="rtn", choices=["rtn", "fp8"],
+                        help="rtn (round-to-nearest integers: pack-quantized, the default) or "
+                        "fp8 (E4M3 per output channel: float-quantized)")  # fmt: skip
+    export.add_argument("--bits", metavar="N", type=int, default=None,
+                        help="weight bits: 3, 4 or 8 (default 4; fp8: 8)")  # fmt: skip
+    export.add_argument("--group-size", metavar="N", type=int, default=None,
+                        help="inputs per scale (default 128; 0: one scale per output channel, "
+                        "fp8's only choice)")  # fmt: skip
+    export.add_argument("--asymmetric", action="store_true",
+                        help="zero points (loads with CompressedTensorsConfig(dequantize=True): "
+                        "an upstream bug)")  # fmt: skip
+    export.add_argument("--format", metavar="NAME", default="compressed-tensors",
+                        help="compressed-tensors (default)")  # fmt: skip
+    export.add_argument("--out", metavar="DIR", required=True, help="output folder (new or empty)")
+    export.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return parser
+
+
+def _export(args: argparse.Namespace) -> int:
+    from lowbit.fast import export, models
+
+    if args.model not in ("minilm", "smollm2"):
+        raise ValueError(f"unknown model {args.model!r}; choose one of minilm, smollm2")
+    fp8 = args.method == "fp8"
+    bits = args.bits if args.bits is not None else (8 if fp8 else 4)
+    group_size = args.group_size if args.group_size is not None else (0 if fp8 else 128)
+    if group_size < 0:
+        raise ValueError(f"--group-size must be >= 0 (0: per channel), got {group_size}")
+    out = export.check_out_dir(args.out)  # before loading anything
+    net, tokenizer = models.load_minilm() if args.model == "minilm" else models.load_smollm2()
+    export.export(
+        net, out, args.format, method=args.method, bits=bits, group_size=group_size or None,
+        symmetric=not args.asymmetric, tokenizer=tokenizer, progress=not args.no_progress,
+    )  # fmt: skip
+    print(f"wrote {out}: {args.format}, {args.method} W{bits}A16 "
+          f"{'g' + str(group_size) if group_size else 'per channel'}"
+          f"{' asymmetric' if args.asymmetric else ''}")  # fmt: skip
+    return 0
 
 
 def _fail(message: str) -> int:
@@ -156,6 +207,8 @@ def main(argv: Sequence[str] | None = None) -> int:
                          progress=not args.no_progress)  # fmt: skip
             print(f"wrote {args.out}/training.md, training.csv and the plots")
             return 0
+        if args.command == "export":
+            return _export(args)
         report.run_report(
             model=args.model,
             methods=args.methods,

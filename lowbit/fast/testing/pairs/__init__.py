@@ -46,7 +46,7 @@ class Pair:
 PAIRS: dict[str, Pair] = {}
 
 # Fast modules that are not mirrored (they exist only on the torch side: DESIGN.md section 1).
-TORCH_ONLY_MODULES = {"nn", "convert", "cli", "models", "report", "data", "testing"}
+TORCH_ONLY_MODULES = {"nn", "convert", "cli", "models", "report", "data", "testing", "export"}
 
 
 def register(pair: Pair) -> Pair:
