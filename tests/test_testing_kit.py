@@ -138,6 +138,12 @@ def test_numpy_inputs_and_numpy_outputs():
 
     kit.assert_matches_reference(encode_numpy, "formats.encode", numpy_inputs=True, max_examples=5)
 
+    def encode_on(x, fmt, **kwargs):
+        assert isinstance(x, torch.Tensor) and x.device.type == "cpu"
+        return fast.encode(x, fmt, **kwargs)
+
+    kit.assert_matches_reference(encode_on, "formats.encode", device="cpu", max_examples=5)
+
 
 def _e4m3_overflow_count(x: np.ndarray) -> tuple[int, int]:
     """(finite inputs that round past 448, infinities): counted in float64, not by the kit."""

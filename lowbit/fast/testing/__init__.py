@@ -97,34 +97,25 @@ def _converter(device: Any, numpy_inputs: bool) -> Callable[[Any], Any]:
     if numpy_inputs and device is not None:
         raise ValueError("numpy_inputs=True hands fn NumPy arrays, which have no device: pass one")
     if numpy_inputs:
-        return lambda value: _map_arrays(value, lambda a: np.array(a, copy=True))
+        return lambda value: _map(value, np.ndarray, lambda a: np.array(a, copy=True))
 
     def convert(value: Any) -> Any:
+        import torch
+
         out = to_torch(value)
-        return out if device is None else _map_tensors(out, lambda t: t.to(device))
+        return out if device is None else _map(out, torch.Tensor, lambda t: t.to(device))
 
     return convert
 
 
-def _map_arrays(value: Any, f: Callable) -> Any:
-    if isinstance(value, np.ndarray):
+def _map(value: Any, leaf: type, f: Callable) -> Any:
+    """``f`` applied to every ``leaf`` instance inside tuples, lists and dicts."""
+    if isinstance(value, leaf):
         return f(value)
     if isinstance(value, (tuple, list)):
-        return type(value)(_map_arrays(v, f) for v in value)
+        return type(value)(_map(v, leaf, f) for v in value)
     if isinstance(value, dict):
-        return {k: _map_arrays(v, f) for k, v in value.items()}
-    return value
-
-
-def _map_tensors(value: Any, f: Callable) -> Any:
-    import torch
-
-    if isinstance(value, torch.Tensor):
-        return f(value)
-    if isinstance(value, (tuple, list)):
-        return type(value)(_map_tensors(v, f) for v in value)
-    if isinstance(value, dict):
-        return {k: _map_tensors(v, f) for k, v in value.items()}
+        return {k: _map(v, leaf, f) for k, v in value.items()}
     return value
 
 
