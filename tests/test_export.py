@@ -165,7 +165,7 @@ def test_cli_exports_minilm_that_transformers_loads(tmp_path, capsys):
     assert torch.equal(got, want)
 
 
-def test_cli_fp8_defaults_to_8_bits_per_channel(tmp_path, capsys):
+def test_cli_fp8_and_bitsandbytes_defaults(tmp_path, capsys):
     out = tmp_path / "minilm-fp8"
     assert cli.main(["export", "--method", "fp8", "--out", str(out), "--no-progress"]) == 0
     assert "fp8 W8A16 per channel" in capsys.readouterr().out
@@ -173,6 +173,57 @@ def test_cli_fp8_defaults_to_8_bits_per_channel(tmp_path, capsys):
     weights = config["config_groups"]["group_0"]["weights"]
     assert config["format"] == "float-quantized" and weights["type"] == "float"
     assert weights["strategy"] == "channel" and weights["group_size"] is None
+    int8 = tmp_path / "minilm-int8"
+    assert (
+        cli.main(["export", "--format", "bitsandbytes", "--out", str(int8), "--no-progress"]) == 0
+    )
+    assert "llm_int8 W8A8" in capsys.readouterr().out
+    config = json.loads((int8 / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "bitsandbytes" and config["load_in_8bit"] is True
+
+
+def test_bitsandbytes_int8_loads_as_bitsandbytes_modules(tmp_path):
+    """A Linear8bitLt model as a Hugging Face bitsandbytes checkpoint: transformers loads every
+    linear as bitsandbytes.nn.Linear8bitLt holding lowbit's codes and row absmax exactly, and
+    its LLM.int8() forward (float16, eval) is within tier B of lowbit's float64 result: at most
+    twice the error of lowbit's own module run in float16."""
+    bnb = pytest.importorskip("bitsandbytes")
+    pytest.importorskip("accelerate")
+    from lowbit.fast.convert import replace_linears
+    from lowbit.fast.nn import Linear8bitLt
+    from lowbit.fast.testing import MATMUL
+
+    model = _tiny_llama()
+    q = copy.deepcopy(model)
+    replace_linears(q, lambda n, lin: Linear8bitLt.from_linear(lin) if n != "lm_head" else None,
+                    progress=False)  # fmt: skip
+    out = export.export(q, tmp_path / "bnb", "bitsandbytes", method="llm_int8", progress=False)
+    # a dense model exports the same codes (quantized like Linear8bitLt.from_linear)
+    dense_out = export.export(model, tmp_path / "bnb2", "bitsandbytes", method="llm_int8",
+                              progress=False)  # fmt: skip
+    from safetensors.torch import load_file
+
+    assert (
+        load_file(str(out / "model.safetensors")).keys()
+        == load_file(str(dense_out / "model.safetensors")).keys()
+    )
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(
+        out, device_map="cpu", dtype=torch.float16
+    ).eval()
+    ours = dict(q.named_modules())
+    theirs = {n: m for n, m in loaded.named_modules() if isinstance(m, bnb.nn.Linear8bitLt)}
+    assert set(theirs) == {n for n, m in ours.items() if isinstance(m, Linear8bitLt)}
+    x = torch.randn(7, 64, generator=torch.Generator().manual_seed(5)).half()
+    for name, m in theirs.items():
+        mine = ours[name]
+        assert torch.equal(m.weight.data, mine.weight_codes)
+        assert torch.equal(m.weight.SCB, mine.weight_absmax)
+        if m.in_features == 64:
+            with torch.no_grad():
+                got = m(x).double().numpy()
+                truth = mine(x.double()).numpy()  # lowbit's LLM.int8() in float64
+                naive = mine(x).double().numpy()  # the same LLM.int8() in float16
+            assert not MATMUL.check_with_naive(got, truth, naive).any(), name
 
 
 def test_a_failed_write_leaves_no_folder(tmp_path, monkeypatch):
@@ -193,7 +244,8 @@ def test_what_the_format_cannot_hold_is_refused_in_one_line(tmp_path):
         (dict(bits=5), "3-, 4- or 8-bit"),
         (dict(group_size=48), "'model.layers.0.self_attn.q_proj' has 64 inputs"),
         (dict(format="gguf"), "unknown export format 'gguf'"),
-        (dict(method="gptq"), "unknown export method 'gptq'"),
+        (dict(method="gptq"), "cannot hold method 'gptq'"),
+        (dict(method="llm_int8"), "(format bitsandbytes holds it)"),
     ]
     for kwargs, phrase in cases:
         with pytest.raises(ValueError) as err:

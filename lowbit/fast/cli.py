@@ -7,8 +7,8 @@
 way, prints the comparison table and writes it, as markdown and CSV, with plots, to ``--out``.
 ``lowbit train [--model NAME] [--steps N] [--epochs N] [--out DIR] [--no-progress]`` runs the
 4-bit training experiments at full length (``lowbit.fast.report.int4_training.run_training``).
-``lowbit export --model NAME --method rtn|fp8 --bits N --group-size N [--asymmetric] --format
-compressed-tensors --out DIR`` writes a quantized model folder other engines load
+``lowbit export --model NAME --method rtn|fp8|llm_int8 --bits N --group-size N [--asymmetric]
+--format compressed-tensors|bitsandbytes --out DIR`` writes a quantized model folder other engines load
 (``lowbit.fast.export``).
 
 Bad input (unknown model or method, sizes out of range, a model that is not installed)
@@ -133,14 +133,17 @@ def _parser() -> _Parser:
         description="Quantize a real model's linear layers with round-to-nearest (lowbit's "
         "uniform quantizer) and write a complete model folder (config.json with its "
         "quantization_config, tokenizer files, model.safetensors) that the format's own "
-        "loader reads: compressed-tensors pack-quantized for vLLM and transformers. The "
-        "folder appears only once complete.",
+        "loader reads: compressed-tensors (pack-quantized, float-quantized) for vLLM and "
+        "transformers, bitsandbytes int8 for transformers. The folder appears only once "
+        "complete.",
     )
     export.add_argument("--model", metavar="NAME", default="minilm",
                         help="minilm (default) or smollm2")  # fmt: skip
-    export.add_argument("--method", metavar="NAME", default="rtn", choices=["rtn", "fp8"],
-                        help="rtn (round-to-nearest integers: pack-quantized, the default) or "
-                        "fp8 (E4M3 per output channel: float-quantized)")  # fmt: skip
+    export.add_argument("--method", metavar="NAME", default=None,
+                        choices=["rtn", "fp8", "llm_int8"],
+                        help="compressed-tensors: rtn (round-to-nearest integers, "
+                        "pack-quantized; the default) or fp8 (E4M3 per output channel, "
+                        "float-quantized); bitsandbytes: llm_int8 (its default)")  # fmt: skip
     export.add_argument("--bits", metavar="N", type=int, default=None,
                         help="weight bits: 3, 4 or 8 (default 4; fp8: 8)")  # fmt: skip
     export.add_argument("--group-size", metavar="N", type=int, default=None,
@@ -150,7 +153,9 @@ def _parser() -> _Parser:
                         help="zero points (loads with CompressedTensorsConfig(dequantize=True): "
                         "an upstream bug)")  # fmt: skip
     export.add_argument("--format", metavar="NAME", default="compressed-tensors",
-                        help="compressed-tensors (default)")  # fmt: skip
+                        choices=["compressed-tensors", "bitsandbytes"],
+                        help="compressed-tensors (default; vLLM, transformers) or bitsandbytes "
+                        "(transformers' int8 checkpoints)")  # fmt: skip
     export.add_argument("--out", metavar="DIR", required=True, help="output folder (new or empty)")
     export.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return parser
@@ -161,7 +166,8 @@ def _export(args: argparse.Namespace) -> int:
 
     if args.model not in ("minilm", "smollm2"):
         raise ValueError(f"unknown model {args.model!r}; choose one of minilm, smollm2")
-    fp8 = args.method == "fp8"
+    method = args.method or ("llm_int8" if args.format == "bitsandbytes" else "rtn")
+    fp8 = method == "fp8"
     bits = args.bits if args.bits is not None else (8 if fp8 else 4)
     group_size = args.group_size if args.group_size is not None else (0 if fp8 else 128)
     if group_size < 0:
@@ -169,10 +175,13 @@ def _export(args: argparse.Namespace) -> int:
     out = export.check_out_dir(args.out)  # before loading anything
     net, tokenizer = models.load_minilm() if args.model == "minilm" else models.load_smollm2()
     export.export(
-        net, out, args.format, method=args.method, bits=bits, group_size=group_size or None,
+        net, out, args.format, method=method, bits=bits, group_size=group_size or None,
         symmetric=not args.asymmetric, tokenizer=tokenizer, progress=not args.no_progress,
     )  # fmt: skip
-    print(f"wrote {out}: {args.format}, {args.method} W{bits}A16 "
+    if method == "llm_int8":
+        print(f"wrote {out}: {args.format}, llm_int8 W8A8 (row-wise int8 weights, threshold 6.0)")
+        return 0
+    print(f"wrote {out}: {args.format}, {method} W{bits}A16 "
           f"{'g' + str(group_size) if group_size else 'per channel'}"
           f"{' asymmetric' if args.asymmetric else ''}")  # fmt: skip
     return 0

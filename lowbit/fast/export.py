@@ -21,6 +21,13 @@ Formats (the layouts are those the libraries' own loaders read, measured in
   float8_e4m3fn codes of W / s with one scale s = max|W_row| / 448 per output channel (an
   all-zero row keeps scale 0 and zero codes), ``<p>.weight_scale`` ``[O, 1]``. W = w * s.
   ``method="fp8"``.
+* ``"bitsandbytes"`` (Hugging Face's bitsandbytes int8 checkpoints, ``method="llm_int8"``): every
+  linear as LLM.int8()'s row-wise absmax int8 (lowbit's ``Linear8bitLt``, exported as it is
+  where the model already holds one): ``<p>.weight`` int8 ``[O, I]``, ``<p>.SCB`` float32
+  ``[O]`` (the row absmax), ``<p>.weight_format`` 0; ``quantization_config`` with
+  ``load_in_8bit`` and the modules' ``llm_int8_threshold``. transformers loads it as
+  ``bitsandbytes.nn.Linear8bitLt`` (on CPU with ``device_map="cpu"``, which needs accelerate);
+  in ``eval()`` that runs LLM.int8() in float16.
 
 What a format cannot hold exactly is refused with one line naming what can: a group size that
 does not divide a layer's inputs (lowbit's uniform quantizer would make the last group shorter;
@@ -46,8 +53,10 @@ from lowbit.fast import uniform
 __all__ = ["FORMATS", "METHODS", "COMPRESSED_TENSORS_VERSION", "pack_rows", "check_out_dir"]
 __all__ += ["export"]
 
-FORMATS = ("compressed-tensors",)
-METHODS = ("rtn", "fp8")  # round-to-nearest integers (pack-quantized), FP8 E4M3 (float-quantized)
+FORMATS = ("compressed-tensors", "bitsandbytes")
+# the methods each format holds: round-to-nearest integers (pack-quantized), FP8 E4M3
+# (float-quantized), LLM.int8()'s vector-wise int8 weights (bitsandbytes)
+METHODS = {"compressed-tensors": ("rtn", "fp8"), "bitsandbytes": ("llm_int8",)}
 # The compressed-tensors release whose layouts these files follow (3-bit codes are packed
 # densely across int32 words since 0.18.0; 4- and 8-bit layouts are the same in all versions).
 COMPRESSED_TENSORS_VERSION = "0.20.1"
@@ -94,8 +103,15 @@ def _check_args(
 ) -> None:
     if format not in FORMATS:
         raise ValueError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
-    if method not in METHODS:
-        raise ValueError(f"unknown export method {method!r}; choose one of {', '.join(METHODS)}")
+    if method not in METHODS[format]:
+        other = [f for f, ms in METHODS.items() if method in ms]
+        hint = f" (format {other[0]} holds it)" if other else ""
+        raise ValueError(
+            f"format {format} cannot hold method {method!r}{hint}; choose one of "
+            f"{', '.join(METHODS[format])}"
+        )
+    if method == "llm_int8":
+        return
     if method == "fp8":
         if bits != 8 or group_size is not None or not symmetric:
             raise ValueError(
@@ -168,6 +184,50 @@ def _fp8_linear(name: str, lin: nn.Linear) -> dict[str, torch.Tensor]:
     }
 
 
+def _bitsandbytes_state(
+    model: nn.Module, ignore: Sequence[str], progress: bool
+) -> tuple[dict[str, torch.Tensor], float]:
+    """The bitsandbytes int8 state dict of ``model`` and its threshold: lowbit ``Linear8bitLt``
+    modules as they are, other linears (not ignored) quantized like ``Linear8bitLt.from_linear``."""
+    from tqdm.auto import tqdm
+
+    from lowbit.fast.nn import Linear8bitLt, QuantizedLinear
+
+    tensors = _unique_state(model)
+    thresholds = set()
+    modules = [
+        (name, m)
+        for name, m in model.named_modules()
+        if isinstance(m, (Linear8bitLt, nn.Linear, QuantizedLinear))
+        and name.split(".")[-1] not in ignore
+        and name not in ignore
+    ]
+    for name, m in tqdm(modules, desc="export bitsandbytes", disable=not progress, leave=False):
+        if isinstance(m, QuantizedLinear) and not isinstance(m, Linear8bitLt):
+            raise ValueError(
+                f"layer {name!r} is a lowbit {type(m).__name__}, which bitsandbytes int8 cannot "
+                "hold: export it with format compressed-tensors, or quantize with Linear8bitLt"
+            )
+        if not isinstance(m, Linear8bitLt):
+            assert isinstance(m, nn.Linear)
+            m = Linear8bitLt.from_linear(m)
+            tensors.pop(f"{name}.weight", None)
+        else:
+            tensors.pop(f"{name}.weight_codes", None)
+            tensors.pop(f"{name}.weight_absmax", None)
+        thresholds.add(m.threshold)
+        tensors[f"{name}.weight"] = m.weight_codes.detach().cpu().contiguous()
+        tensors[f"{name}.SCB"] = m.weight_absmax.detach().cpu().float().contiguous()
+        tensors[f"{name}.weight_format"] = torch.tensor(0, dtype=torch.uint8)
+    if not modules:
+        raise ValueError("the model has no linear layers to quantize (all ignored?)")
+    if len(thresholds) > 1:
+        raise ValueError(
+            f"bitsandbytes keeps one llm_int8_threshold per model; the layers use {sorted(thresholds)}"
+        )
+    return tensors, thresholds.pop()
+
+
 def _quantization_config(
     method: str, bits: int, group_size: int | None, symmetric: bool, ignore: Sequence[str]
 ) -> dict[str, Any]:
@@ -220,7 +280,7 @@ def export(
     out_dir: str | os.PathLike[str],
     format: str = "compressed-tensors",
     *,
-    method: str = "rtn",
+    method: str | None = None,
     bits: int = 4,
     group_size: int | None = 128,
     symmetric: bool = True,
@@ -229,7 +289,8 @@ def export(
     progress: bool = True,
 ) -> Path:
     """Quantize ``model``'s linears with ``method`` (``"rtn"``: ``lowbit.fast.uniform``;
-    ``"fp8"``: E4M3 per channel) and write them in ``format`` to ``out_dir`` (see the module
+    ``"fp8"``: E4M3 per channel; ``"llm_int8"``: row-wise int8; default: the format's first,
+    ``METHODS``) and write them in ``format`` to ``out_dir`` (see the module
     docstring); returns the folder's path.
 
     ``bits`` 3, 4 or 8 (``"fp8"``: 8, with ``group_size=None``); ``group_size`` a divisor of every quantized layer's inputs (None: one
@@ -240,26 +301,40 @@ def export(
     from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
-    _check_args(format, method, bits, group_size, symmetric)
+    if format in METHODS and method is None:
+        method = METHODS[format][0]  # rtn for compressed-tensors, llm_int8 for bitsandbytes
+    _check_args(format, str(method), bits, group_size, symmetric)
+    assert method is not None
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "to_dict"):
         raise ValueError("export needs a Hugging Face PreTrainedModel (one with a .config)")
     out = check_out_dir(out_dir)
-    linears = _quantizable(model, ignore)
-    if not linears:
-        raise ValueError("the model has no nn.Linear layers to quantize (all ignored?)")
-    tensors = _unique_state(model)
-    for name, lin in tqdm(linears.items(), desc=f"export {format}", disable=not progress,
-                          leave=False):  # fmt: skip
-        tensors.pop(f"{name}.weight", None)
-        if method == "fp8":
-            tensors.update(_fp8_linear(name, lin))
-        else:
-            tensors.update(_pack_linear(name, lin, bits, group_size, symmetric))
     config_dict = config.to_dict()
-    config_dict["quantization_config"] = _quantization_config(
-        method, bits, group_size, symmetric, ignore
-    )
+    if format == "bitsandbytes":
+        tensors, threshold = _bitsandbytes_state(model, ignore, progress)
+        config_dict["quantization_config"] = {
+            "quant_method": "bitsandbytes",
+            "load_in_8bit": True,
+            "load_in_4bit": False,
+            "llm_int8_threshold": threshold,
+            "llm_int8_skip_modules": list(ignore),
+            "llm_int8_has_fp16_weight": False,
+        }
+    else:
+        linears = _quantizable(model, ignore)
+        if not linears:
+            raise ValueError("the model has no nn.Linear layers to quantize (all ignored?)")
+        tensors = _unique_state(model)
+        for name, lin in tqdm(linears.items(), desc=f"export {format}", disable=not progress,
+                              leave=False):  # fmt: skip
+            tensors.pop(f"{name}.weight", None)
+            if method == "fp8":
+                tensors.update(_fp8_linear(name, lin))
+            else:
+                tensors.update(_pack_linear(name, lin, bits, group_size, symmetric))
+        config_dict["quantization_config"] = _quantization_config(
+            method, bits, group_size, symmetric, ignore
+        )
 
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
