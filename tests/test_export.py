@@ -258,3 +258,6 @@ def test_what_the_format_cannot_hold_is_refused_in_one_line(tmp_path):
     with pytest.raises(ValueError, match="PreTrainedModel"):
         export.export(torch.nn.Linear(4, 4), tmp_path / "y", progress=False)
     assert cli.main(["export", "--out", str(tmp_path / "full")]) == 2  # before loading a model
+    fresh = str(tmp_path / "fresh")
+    assert cli.main(["export", "--format", "bitsandbytes", "--method", "rtn", "--out", fresh]) == 2
+    assert not (tmp_path / "fresh").exists()

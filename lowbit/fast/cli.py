@@ -8,8 +8,8 @@ way, prints the comparison table and writes it, as markdown and CSV, with plots,
 ``lowbit train [--model NAME] [--steps N] [--epochs N] [--out DIR] [--no-progress]`` runs the
 4-bit training experiments at full length (``lowbit.fast.report.int4_training.run_training``).
 ``lowbit export --model NAME --method rtn|fp8|llm_int8 --bits N --group-size N [--asymmetric]
---format compressed-tensors|bitsandbytes --out DIR`` writes a quantized model folder other engines load
-(``lowbit.fast.export``).
+--format compressed-tensors|bitsandbytes --out DIR`` writes a quantized model folder other
+engines load (``lowbit.fast.export``).
 
 Bad input (unknown model or method, sizes out of range, a model that is not installed)
 gives one line on stderr, ``lowbit: error: ...``, and exit status 2: never a traceback.
@@ -130,8 +130,9 @@ def _parser() -> _Parser:
     export = commands.add_parser(
         "export",
         help="quantize a model and write it in a format other engines load",
-        description="Quantize a real model's linear layers with round-to-nearest (lowbit's "
-        "uniform quantizer) and write a complete model folder (config.json with its "
+        description="Quantize a real model's linear layers (round-to-nearest integers from "
+        "lowbit's uniform quantizer, FP8, or LLM.int8()'s row-wise int8) and write a complete "
+        "model folder (config.json with its "
         "quantization_config, tokenizer files, model.safetensors) that the format's own "
         "loader reads: compressed-tensors (pack-quantized, float-quantized) for vLLM and "
         "transformers, bitsandbytes int8 for transformers. The folder appears only once "
@@ -172,11 +173,13 @@ def _export(args: argparse.Namespace) -> int:
     group_size = args.group_size if args.group_size is not None else (0 if fp8 else 128)
     if group_size < 0:
         raise ValueError(f"--group-size must be >= 0 (0: per channel), got {group_size}")
-    out = export.check_out_dir(args.out)  # before loading anything
+    symmetric = not args.asymmetric
+    export.check_options(args.format, method, bits, group_size or None, symmetric)
+    out = export.check_out_dir(args.out)  # both before loading anything
     net, tokenizer = models.load_minilm() if args.model == "minilm" else models.load_smollm2()
     export.export(
         net, out, args.format, method=method, bits=bits, group_size=group_size or None,
-        symmetric=not args.asymmetric, tokenizer=tokenizer, progress=not args.no_progress,
+        symmetric=symmetric, tokenizer=tokenizer, progress=not args.no_progress,
     )  # fmt: skip
     if method == "llm_int8":
         print(f"wrote {out}: {args.format}, llm_int8 W8A8 (row-wise int8 weights, threshold 6.0)")

@@ -51,7 +51,7 @@ from torch import nn
 from lowbit.fast import uniform
 
 __all__ = ["FORMATS", "METHODS", "COMPRESSED_TENSORS_VERSION", "pack_rows", "check_out_dir"]
-__all__ += ["export"]
+__all__ += ["check_options", "export"]
 
 FORMATS = ("compressed-tensors", "bitsandbytes")
 # the methods each format holds: round-to-nearest integers (pack-quantized), FP8 E4M3
@@ -98,9 +98,10 @@ def check_out_dir(out_dir: str | os.PathLike[str]) -> Path:
     return out
 
 
-def _check_args(
+def check_options(
     format: str, method: str, bits: int, group_size: int | None, symmetric: bool
 ) -> None:
+    """One-line ``ValueError`` for an option the format cannot hold (before any work)."""
     if format not in FORMATS:
         raise ValueError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
     if method not in METHODS[format]:
@@ -303,7 +304,7 @@ def export(
 
     if format in METHODS and method is None:
         method = METHODS[format][0]  # rtn for compressed-tensors, llm_int8 for bitsandbytes
-    _check_args(format, str(method), bits, group_size, symmetric)
+    check_options(format, str(method), bits, group_size, symmetric)
     assert method is not None
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "to_dict"):
