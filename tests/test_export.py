@@ -159,6 +159,7 @@ def test_cli_exports_minilm_that_transformers_loads(tmp_path, capsys):
     batch = tokenizer(["To be, or not to be", "that is the question"], padding=True,
                       return_tensors="pt")  # fmt: skip
     loaded = transformers.AutoModel.from_pretrained(out, dtype=torch.float32).eval()
+    assert loaded.pooler is not None  # exported too: no weight is missing or left random
     with torch.no_grad():
         got = loaded(**batch).last_hidden_state
         want = _dense_copy(fp, 4, 128, True)(**batch).last_hidden_state

@@ -176,7 +176,10 @@ def _export(args: argparse.Namespace) -> int:
     symmetric = not args.asymmetric
     export.check_options(args.format, method, bits, group_size or None, symmetric)
     out = export.check_out_dir(args.out)  # both before loading anything
-    net, tokenizer = models.load_minilm() if args.model == "minilm" else models.load_smollm2()
+    # MiniLM with its pooler: the folder must hold every weight BertModel has on reload
+    net, tokenizer = (
+        models.load_minilm(keep_pooler=True) if args.model == "minilm" else models.load_smollm2()
+    )
     export.export(
         net, out, args.format, method=method, bits=bits, group_size=group_size or None,
         symmetric=symmetric, tokenizer=tokenizer, progress=not args.no_progress,

@@ -97,10 +97,12 @@ def minilm_path() -> Path:
     return folder
 
 
-def load_minilm() -> tuple[nn.Module, Any]:
+def load_minilm(keep_pooler: bool = False) -> tuple[nn.Module, Any]:
     """all-MiniLM-L6-v2 as ``(BertModel, tokenizer)``, float32, eval mode, offline.
 
     The model has no pooler (``model.pooler is None``): embeddings come from ``embed``.
+    ``keep_pooler=True`` keeps it, for a complete ``BertModel`` (``lowbit export`` writes one,
+    so that ``AutoModel.from_pretrained`` finds every weight).
     """
     folder = minilm_path()
     transformers = _transformers()
@@ -110,7 +112,8 @@ def load_minilm() -> tuple[nn.Module, Any]:
     )
     # The BERT pooler (tanh on the [CLS] token) is no part of the sentence embedding: drop
     # it, so that nobody quantizes, calibrates or times a layer whose output is unused.
-    model.pooler = None
+    if not keep_pooler:
+        model.pooler = None
     return model.float().eval(), tokenizer
 
 
