@@ -18,7 +18,7 @@ import numpy as np
 import pytest
 import torch
 
-from lowbit.fast import cli, report
+from lowbit.fast import _io, cli, report
 from lowbit.fast import uniform as F_uniform
 from lowbit.fast.models import ModelNotInstalled
 from lowbit.fast.report import formats as report_formats
@@ -519,7 +519,7 @@ def test_output_folder_probe_names_the_folder(tmp_path, monkeypatch):
     def refuse(*args, **kwargs):
         raise PermissionError(13, "Permission denied", str(tmp_path / ".lowbit-probe-x"))
 
-    monkeypatch.setattr(frame.tempfile, "NamedTemporaryFile", refuse)
+    monkeypatch.setattr(_io.tempfile, "NamedTemporaryFile", refuse)
     monkeypatch.setattr(report, "build_context", lambda *a, **k: pytest.fail("loaded a model"))
     with pytest.raises(ValueError) as err:
         report.run_report(out_dir=tmp_path / "out", progress=False)

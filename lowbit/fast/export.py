@@ -48,7 +48,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lowbit.fast import uniform
+from lowbit.fast import _io, uniform
 
 __all__ = ["FORMATS", "METHODS", "COMPRESSED_TENSORS_VERSION", "pack_rows", "check_out_dir"]
 __all__ += ["check_options", "export"]
@@ -82,19 +82,11 @@ def pack_rows(values: torch.Tensor, bits: int) -> torch.Tensor:
 
 def check_out_dir(out_dir: str | os.PathLike[str]) -> Path:
     """``out_dir`` as a Path, if it can become the export's folder: absent, or an empty folder,
-    with a writable parent (checked with a probe file). One-line ``ValueError`` otherwise."""
+    in a writable place (``_io.check_out_dir``'s probe). One-line ``ValueError`` otherwise."""
     out = Path(out_dir)
-    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+    if out.is_dir() and any(out.iterdir()):
         raise ValueError(f"output folder {out} exists and is not empty: pass another --out")
-    parent = out.parent
-    try:
-        parent.mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=parent, prefix=".lowbit-probe-"):
-            pass
-    except OSError as err:
-        raise ValueError(
-            f"cannot write to {parent} (for output folder {out}): {err.strerror}; pass another --out"
-        ) from None
+    _io.check_out_dir(out)
     return out
 
 
@@ -131,12 +123,13 @@ def check_options(
         raise ValueError(f"symmetric must be True or False, got {symmetric!r}")
 
 
+def _kept(name: str, ignore: Sequence[str]) -> bool:
+    """Whether module ``name`` is quantized: ``ignore`` names modules (``lm_head``) or paths."""
+    return name not in ignore and name.split(".")[-1] not in ignore
+
+
 def _quantizable(model: nn.Module, ignore: Sequence[str]) -> dict[str, nn.Linear]:
-    return {
-        name: m
-        for name, m in model.named_modules()
-        if isinstance(m, nn.Linear) and name.split(".")[-1] not in ignore and name not in ignore
-    }
+    return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and _kept(n, ignore)}
 
 
 def _pack_linear(
@@ -164,10 +157,10 @@ def _pack_linear(
     }
     if not symmetric:
         assert zero is not None
-        # compressed-tensors' zero point is signed like its codes: z - 2^(b-1), packed along dim 0
-        signed_zero = zero.to(torch.int64) - offset
+        # compressed-tensors' zero point is signed like its codes (z - 2^(b-1)) and stored with
+        # the same offset, which gives lowbit's unsigned z back; packed along dim 0
         tensors[f"{name}.weight_zero_point"] = pack_rows(
-            (signed_zero + offset).T, bits
+            zero.to(torch.int64).T, bits
         ).T.contiguous()
     return tensors
 
@@ -199,9 +192,7 @@ def _bitsandbytes_state(
     modules = [
         (name, m)
         for name, m in model.named_modules()
-        if isinstance(m, (Linear8bitLt, nn.Linear, QuantizedLinear))
-        and name.split(".")[-1] not in ignore
-        and name not in ignore
+        if isinstance(m, (nn.Linear, QuantizedLinear)) and _kept(name, ignore)
     ]
     for name, m in tqdm(modules, desc="export bitsandbytes", disable=not progress, leave=False):
         if isinstance(m, QuantizedLinear) and not isinstance(m, Linear8bitLt):
@@ -294,8 +285,8 @@ def export(
     ``METHODS``) and write them in ``format`` to ``out_dir`` (see the module
     docstring); returns the folder's path.
 
-    ``bits`` 3, 4 or 8 (``"fp8"``: 8, with ``group_size=None``); ``group_size`` a divisor of every quantized layer's inputs (None: one
-    scale per output channel); ``symmetric=False`` adds zero points. ``model`` is a Hugging
+    ``bits`` 3, 4 or 8 (``"fp8"``: 8, with ``group_size=None``); ``group_size`` a divisor of
+    every quantized layer's inputs (None: one scale per output channel); ``symmetric=False`` adds zero points. ``model`` is a Hugging
     Face ``PreTrainedModel`` (its ``config`` is written); it is not modified. ``out_dir`` must
     not exist or be empty: a half-written folder never looks complete.
     """
@@ -337,6 +328,7 @@ def export(
             method, bits, group_size, symmetric, ignore
         )
 
+    out.parent.mkdir(parents=True, exist_ok=True)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
     try:
         save_file(tensors, str(staging / "model.safetensors"), metadata={"format": "pt"})

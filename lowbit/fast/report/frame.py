@@ -8,7 +8,6 @@ import io
 import math
 import os
 import sys
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, fields
@@ -20,6 +19,7 @@ from torch import nn
 
 from lowbit.fast import data as text_data
 from lowbit.fast._io import atomic_write_bytes
+from lowbit.fast._io import check_out_dir as _check_out_dir
 
 from .context import DEFAULT_SIZES, MODELS, QUICK_SIZES, Context, ReportContext, build_context
 
@@ -337,27 +337,6 @@ def _check_methods(methods: str | Sequence[str] | None, sections: dict[str, Sect
             f"choose from {', '.join(sections)}"
         )
     return methods
-
-
-def _check_out_dir(out: Path) -> None:
-    """Fail now, not after minutes of work, when ``out`` cannot be written: create and remove a
-    probe file in the nearest existing folder (nothing is left behind; no folder is created)."""
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"output folder {out} is a file; pass another --out")
-    existing = out.absolute()
-    while not existing.exists():
-        existing = existing.parent
-    problem = None
-    if not existing.is_dir():
-        problem = f"{existing} is not a folder"
-    else:
-        try:
-            with tempfile.NamedTemporaryFile(dir=existing, prefix=".lowbit-probe-"):
-                pass
-        except OSError as err:
-            problem = f"{existing} is not writable ({err.strerror or err})"
-    if problem:
-        raise ValueError(f"cannot write to output folder {out}: {problem}; pass another --out")
 
 
 def _check_size(flag: str, size: Any, split: str) -> None:
