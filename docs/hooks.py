@@ -64,6 +64,7 @@ API_TITLES = {
     "cli": "Command line",
     "testing": "Testing kit",
     "export": "Export",
+    "hf_quantizer": "Hugging Face quantizer",
 }
 SUBPACKAGE_TITLES = {
     "reference": "Reference (NumPy / Numba)",

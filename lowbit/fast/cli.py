@@ -7,9 +7,9 @@
 way, prints the comparison table and writes it, as markdown and CSV, with plots, to ``--out``.
 ``lowbit train [--model NAME] [--steps N] [--epochs N] [--out DIR] [--no-progress]`` runs the
 4-bit training experiments at full length (``lowbit.fast.report.int4_training.run_training``).
-``lowbit export --model NAME --method rtn|fp8|llm_int8 --bits N --group-size N [--asymmetric]
---format compressed-tensors|bitsandbytes --out DIR`` writes a quantized model folder other
-engines load (``lowbit.fast.export``).
+``lowbit export --model NAME --method rtn|fp8|llm_int8|mxfp4|nvfp4|omniquant --bits N
+--group-size N [--asymmetric] --format compressed-tensors|bitsandbytes|gguf --out DIR`` writes
+a quantized model folder other engines load (``lowbit.fast.export``).
 
 Bad input (unknown model or method, sizes out of range, a model that is not installed)
 gives one line on stderr, ``lowbit: error: ...``, and exit status 2: never a traceback.
@@ -130,33 +130,34 @@ def _parser() -> _Parser:
     export = commands.add_parser(
         "export",
         help="quantize a model and write it in a format other engines load",
-        description="Quantize a real model's linear layers (round-to-nearest integers from "
-        "lowbit's uniform quantizer, FP8, or LLM.int8()'s row-wise int8) and write a complete "
-        "model folder (config.json with its "
-        "quantization_config, tokenizer files, model.safetensors) that the format's own "
-        "loader reads: compressed-tensors (pack-quantized, float-quantized) for vLLM and "
-        "transformers, bitsandbytes int8 for transformers. The folder appears only once "
-        "complete.",
+        description="Quantize a real model's linear layers and write what the format's own "
+        "loader reads: a model folder (config.json with its quantization_config, tokenizer "
+        "files, model.safetensors) in compressed-tensors (vLLM, transformers: rtn, fp8, "
+        "llm_int8 as W8A8, mxfp4, nvfp4, omniquant) or bitsandbytes int8 (transformers: "
+        "llm_int8), or a folder holding model.gguf (llama.cpp, transformers: rtn as Q4_0 / "
+        "Q8_0, mxfp4; LLaMA-family models). The folder appears only once complete.",
     )
     export.add_argument("--model", metavar="NAME", default="minilm",
                         help="minilm (default) or smollm2")  # fmt: skip
     export.add_argument("--method", metavar="NAME", default=None,
-                        choices=["rtn", "fp8", "llm_int8"],
-                        help="compressed-tensors: rtn (round-to-nearest integers, "
-                        "pack-quantized; the default) or fp8 (E4M3 per output channel, "
-                        "float-quantized); bitsandbytes: llm_int8 (its default)")  # fmt: skip
+                        choices=["rtn", "fp8", "llm_int8", "mxfp4", "nvfp4", "omniquant"],
+                        help="rtn (round-to-nearest integers; the default of compressed-tensors "
+                        "and gguf), fp8 (E4M3 per output channel), llm_int8 (row-wise int8; "
+                        "bitsandbytes' default), mxfp4, nvfp4, or omniquant (LWC calibration "
+                        "on 8 Shakespeare passages, then the calibrated weights)")  # fmt: skip
     export.add_argument("--bits", metavar="N", type=int, default=None,
-                        help="weight bits: 3, 4 or 8 (default 4; fp8: 8)")  # fmt: skip
+                        help="rtn / omniquant weight bits (default 4; compressed-tensors 3, 4 "
+                        "or 8; gguf 4 or 8); the other methods have their own")  # fmt: skip
     export.add_argument("--group-size", metavar="N", type=int, default=None,
-                        help="inputs per scale (default 128; 0: one scale per output channel, "
-                        "fp8's only choice)")  # fmt: skip
+                        help="rtn / omniquant inputs per scale (default 128, gguf 32; 0: one "
+                        "scale per output channel); the other methods have their own")  # fmt: skip
     export.add_argument("--asymmetric", action="store_true",
-                        help="zero points (loads with CompressedTensorsConfig(dequantize=True): "
-                        "an upstream bug)")  # fmt: skip
+                        help="rtn with zero points (omniquant always has them; both load with "
+                        "CompressedTensorsConfig(dequantize=True): an upstream bug)")  # fmt: skip
     export.add_argument("--format", metavar="NAME", default="compressed-tensors",
-                        choices=["compressed-tensors", "bitsandbytes"],
-                        help="compressed-tensors (default; vLLM, transformers) or bitsandbytes "
-                        "(transformers' int8 checkpoints)")  # fmt: skip
+                        choices=["compressed-tensors", "bitsandbytes", "gguf"],
+                        help="compressed-tensors (default; vLLM, transformers), bitsandbytes "
+                        "(transformers' int8 checkpoints) or gguf (llama.cpp)")  # fmt: skip
     export.add_argument("--out", metavar="DIR", required=True, help="output folder (new or empty)")
     export.add_argument("--no-progress", action="store_true", help="hide progress bars")
     return parser
@@ -167,30 +168,86 @@ def _export(args: argparse.Namespace) -> int:
 
     if args.model not in ("minilm", "smollm2"):
         raise ValueError(f"unknown model {args.model!r}; choose one of minilm, smollm2")
-    method = args.method or ("llm_int8" if args.format == "bitsandbytes" else "rtn")
-    fp8 = method == "fp8"
-    bits = args.bits if args.bits is not None else (8 if fp8 else 4)
-    group_size = args.group_size if args.group_size is not None else (0 if fp8 else 128)
-    if group_size < 0:
-        raise ValueError(f"--group-size must be >= 0 (0: per channel), got {group_size}")
+    method = args.method or export.METHODS.get(args.format, ("rtn",))[0]
+    if args.group_size is not None and args.group_size < 0:
+        raise ValueError(f"--group-size must be >= 0 (0: per channel), got {args.group_size}")
+    group_size = export.AUTO if args.group_size is None else (args.group_size or None)
     symmetric = not args.asymmetric
-    export.check_options(args.format, method, bits, group_size or None, symmetric)
-    out = export.check_out_dir(args.out)  # both before loading anything
+    calibrating = method == "omniquant"
+    if calibrating:  # --bits / --group-size set the calibration; the export takes the modules'
+        export.check_options(args.format, method)  # the format holds it
+        bits = 4 if args.bits is None else args.bits
+        if not 2 <= bits <= 8:
+            raise ValueError(
+                f"omniquant calibrates 2- to 8-bit weights, not {bits}: pass --bits 2-8"
+            )
+        group_size = 128 if group_size == export.AUTO else group_size
+        symmetric = False  # OmniQuant's quantizer, as in the paper: zero points
+    else:
+        bits, group_size = export.check_options(
+            args.format, method, args.bits, group_size, symmetric
+        )
+    if args.format == "gguf" and args.model != "smollm2":
+        raise ValueError(
+            f"GGUF export writes LLaMA-architecture models and {args.model} is not one: pass "
+            "--model smollm2, or --format compressed-tensors"
+        )
+    out = export.check_out_dir(args.out)  # all before loading anything
     # MiniLM with its pooler: the folder must hold every weight BertModel has on reload
     net, tokenizer = (
         models.load_minilm(keep_pooler=True) if args.model == "minilm" else models.load_smollm2()
     )
+    if calibrating:
+        _calibrate_omniquant(net, tokenizer, bits, group_size, progress=not args.no_progress)
     export.export(
-        net, out, args.format, method=method, bits=bits, group_size=group_size or None,
-        symmetric=symmetric, tokenizer=tokenizer, progress=not args.no_progress,
+        net, out, args.format, method=method,
+        bits=export.AUTO if calibrating else bits,
+        group_size=export.AUTO if calibrating else group_size,
+        symmetric=symmetric or calibrating, tokenizer=tokenizer, progress=not args.no_progress,
     )  # fmt: skip
-    if method == "llm_int8":
-        print(f"wrote {out}: {args.format}, llm_int8 W8A8 (row-wise int8 weights, threshold 6.0)")
-        return 0
-    print(f"wrote {out}: {args.format}, {method} W{bits}A16 "
-          f"{'g' + str(group_size) if group_size else 'per channel'}"
-          f"{' asymmetric' if args.asymmetric else ''}")  # fmt: skip
+    print(
+        f"wrote {out}: {args.format}, {method} {_scheme(method, args.format, bits, group_size, symmetric)}"
+    )
     return 0
+
+
+def _scheme(method: str, format: str, bits, group_size, symmetric: bool) -> str:
+    """What the export holds, in the usual W/A notation."""
+    if method == "llm_int8":
+        if format == "bitsandbytes":
+            return "W8A8 (row-wise int8 weights, LLM.int8() with its threshold at run time)"
+        return (
+            "W8A8 (row-wise int8 weights; activations per token by the loader: LLM.int8()'s "
+            "outlier decomposition has no representation in the format and is left out)"
+        )
+    if method in ("mxfp4", "nvfp4"):
+        return f"W4A16 ({method.upper()} weights)"
+    if method == "fp8":
+        return "W8A16 per channel (E4M3 weights)"
+    scheme = f"W{bits}A16 {f'g{group_size}' if group_size else 'per channel'}"
+    if method == "omniquant":
+        return scheme + " (LWC, zero points)"
+    if format == "gguf":
+        return scheme + f" (GGUF Q{bits}_0, float16 scales)"
+    return scheme + ("" if symmetric else " asymmetric")
+
+
+def _calibrate_omniquant(net, tokenizer, bits: int, group_size, progress: bool) -> None:
+    """LWC calibration of ``net`` in place, asymmetric, with the report's default settings (8
+    Shakespeare passages, 3 epochs): what ``lowbit export --method omniquant`` writes."""
+    from lowbit.fast import data
+    from lowbit.fast.nn.omniquant import calibrate
+    from lowbit.fast.report.omniquant import OMNIQUANT_CALIB as settings
+
+    texts = data.load_texts("calib", settings["passages"])
+    size = settings["batch_size"]
+    batches = [
+        dict(tokenizer(texts[i : i + size], padding=True, truncation=True, max_length=128,
+                       return_tensors="pt"))
+        for i in range(0, len(texts), size)
+    ]  # fmt: skip
+    calibrate(net, batches, wbits=bits, group_size=group_size, symmetric=False, lwc=True,
+              epochs=settings["epochs"], lwc_lr=settings["lwc_lr"], progress=progress)  # fmt: skip
 
 
 def _fail(message: str) -> int:

@@ -1,37 +1,46 @@
 """Export quantized models to the on-disk formats other engines load (``lowbit export``).
 
-``export(model, out_dir, format="compressed-tensors", ...)`` quantizes every ``nn.Linear`` of a
-Hugging Face model (except ``ignore``, the output head by default) with lowbit's shared uniform
-quantizer (``lowbit.fast.uniform``, round to nearest: "RTN") and writes a complete model folder:
-``config.json`` with a ``quantization_config``, the tokenizer's files when one is given, and
-``model.safetensors``. The folder appears only once complete: everything is written into a
-temporary sibling folder that is renamed into place.
+``export(model, out_dir, format="compressed-tensors", method=..., ...)`` quantizes the
+``nn.Linear`` layers of a Hugging Face model (except ``ignore``, the output head by default),
+or takes the lowbit modules it already holds, and writes what the format's own loader reads.
+The folder appears only once complete: everything is written into a hidden sibling folder that
+is renamed into place. The layouts are those measured with the libraries' own loaders
+(``../shared/spec/interop.md``); the user guide is docs/export.md.
 
-Formats (the layouts are those the libraries' own loaders read, measured in
-``../shared/spec/interop.md``):
+``"compressed-tensors"`` (vLLM, transformers, llm-compressor): a model folder with
+``config.json`` (its ``quantization_config``), the tokenizer's files and ``model.safetensors``.
+Per quantized linear ``<p>``, by method:
 
-* ``"compressed-tensors"``, format ``pack-quantized`` (what vLLM and llm-compressor load; W4A16,
-  W3A16 and W8A16): per linear ``<p>.weight_packed`` int32 ``[O, ceil(I * b / 32)]``, the signed
-  codes offset by 2^(b-1) in one little-endian bit stream per row (dense across words: the
-  layout of compressed-tensors >= 0.18), ``<p>.weight_scale`` ``[O, I / G]`` in the model's
-  dtype, ``<p>.weight_shape`` ``[O, I]`` and, asymmetric only, ``<p>.weight_zero_point`` int32,
-  the signed zero points packed along the output rows. Values: W = (q - zp) * s, bit for bit
-  lowbit's ``uniform.decode`` for a float32 model (16-bit models store 16-bit scales). ``method="rtn"``.
-* ``"compressed-tensors"``, format ``float-quantized`` (FP8 weights, W8A16): ``<p>.weight``
-  float8_e4m3fn codes of W / s with one scale s = max|W_row| / 448 per output channel (an
-  all-zero row keeps scale 0 and zero codes), ``<p>.weight_scale`` ``[O, 1]``. W = w * s.
-  ``method="fp8"``.
-* ``"bitsandbytes"`` (Hugging Face's bitsandbytes int8 checkpoints, ``method="llm_int8"``): every
-  linear as LLM.int8()'s row-wise absmax int8 (lowbit's ``Linear8bitLt``, exported as it is
-  where the model already holds one): ``<p>.weight`` int8 ``[O, I]``, ``<p>.SCB`` float32
-  ``[O]`` (the row absmax), ``<p>.weight_format`` 0; ``quantization_config`` with
-  ``load_in_8bit`` and the modules' ``llm_int8_threshold``. transformers loads it as
-  ``bitsandbytes.nn.Linear8bitLt`` (on CPU with ``device_map="cpu"``, which needs accelerate);
-  in ``eval()`` that runs LLM.int8() in float16.
+* ``"rtn"``, format ``pack-quantized`` (W3A16 / W4A16 / W8A16): lowbit's shared uniform
+  quantizer (``lowbit.fast.uniform``, round to nearest); ``<p>.weight_packed`` int32
+  ``[O, ceil(I * b / 32)]``, the codes offset by 2^(b-1) in one little-endian bit stream per
+  row (dense across words: compressed-tensors >= 0.18), ``<p>.weight_scale`` ``[O, I / G]``
+  in the model's dtype, ``<p>.weight_shape`` and, asymmetric, ``<p>.weight_zero_point`` int32
+  packed along the output rows. W = (q - zp) · s, bit for bit ``uniform.decode`` in float32.
+* ``"omniquant"``, format ``pack-quantized`` with zero points: a calibrated model's
+  ``OmniQuantLinear`` codes, float32 scales and zero points as they are.
+* ``"fp8"``, format ``float-quantized`` (W8A16): ``<p>.weight`` float8_e4m3fn codes of W / s,
+  s = max|W_row| / 448 per output channel (a zero row keeps s = 0), ``<p>.weight_scale``.
+* ``"llm_int8"``, format ``int-quantized`` (W8A8): LLM.int8()'s row-wise int8 codes and
+  ``<p>.weight_scale`` = absmax / 127 (float32); the loader quantizes activations per token.
+  The outlier decomposition has no representation in the format and is left out.
+* ``"mxfp4"`` / ``"nvfp4"``, formats ``mxfp4-`` / ``nvfp4-pack-quantized`` (W4A16): E2M1
+  codes two a byte (element 2i in the low nibble) with E8M0 scales per 32 inputs, or E4M3
+  scales per 16 inputs and a float32 global scale per layer (``nvfp4_export_scale``: a power
+  of two, so every weight is exact in bfloat16), ``lowbit.fast.formats``' codes bit for bit.
 
-What a format cannot hold exactly is refused with one line naming what can: a group size that
-does not divide a layer's inputs (lowbit's uniform quantizer would make the last group shorter;
-compressed-tensors has no such group), bit widths other than 3, 4 and 8.
+``"bitsandbytes"`` (transformers' int8 checkpoints, ``method="llm_int8"``): ``<p>.weight``
+int8, ``<p>.SCB`` the float32 row absmax, ``<p>.weight_format`` 0, and a
+``quantization_config`` with ``load_in_8bit`` and the modules' ``llm_int8_threshold``.
+transformers loads it as ``bitsandbytes.nn.Linear8bitLt`` (on CPU with ``device_map="cpu"``).
+
+``"gguf"`` (llama.cpp, transformers; LLaMA-architecture models): a folder holding
+``model.gguf``, RTN as Q8_0 / Q4_0 with float16 scales, or MXFP4; see ``lowbit.fast._gguf``.
+
+What a format cannot hold exactly is refused with one line naming what can: a bit width or
+group size the format lacks, groups that do not divide a layer (compressed-tensors has no
+shorter last group), zero points where the format has none, non-finite weights, lowbit modules
+of another method.
 """
 
 from __future__ import annotations
@@ -41,7 +50,7 @@ import math
 import os
 import shutil
 import tempfile
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -51,14 +60,30 @@ from torch import nn
 from lowbit.fast import _io, uniform
 
 __all__ = ["FORMATS", "METHODS", "COMPRESSED_TENSORS_VERSION", "pack_rows", "check_out_dir"]
-__all__ += ["check_options", "export"]
+__all__ += ["check_options", "export", "nvfp4_export_scale"]
 
-FORMATS = ("compressed-tensors", "bitsandbytes")
-# the methods each format holds: round-to-nearest integers (pack-quantized), FP8 E4M3
-# (float-quantized), LLM.int8()'s vector-wise int8 weights (bitsandbytes)
-METHODS = {"compressed-tensors": ("rtn", "fp8"), "bitsandbytes": ("llm_int8",)}
-# The compressed-tensors release whose layouts these files follow (3-bit codes are packed
-# densely across int32 words since 0.18.0; 4- and 8-bit layouts are the same in all versions).
+FORMATS = ("compressed-tensors", "bitsandbytes", "gguf")
+# The methods each format holds (the first is its default). compressed-tensors: round-to-nearest
+# integers (pack-quantized), FP8 E4M3 (float-quantized), LLM.int8()'s vector-wise int8 weights
+# (int-quantized W8A8), MXFP4 and NVFP4 (mxfp4- / nvfp4-pack-quantized), OmniQuant's calibrated
+# OmniQuantLinear modules (pack-quantized); bitsandbytes: LLM.int8(); GGUF: RTN as Q8_0 / Q4_0,
+# MXFP4.
+METHODS = {
+    "compressed-tensors": ("rtn", "fp8", "llm_int8", "mxfp4", "nvfp4", "omniquant"),
+    "bitsandbytes": ("llm_int8",),
+    "gguf": ("rtn", "mxfp4"),
+}
+# Methods whose bits and blocks are fixed: (bits, inputs per scale or None for one per output
+# channel, what to pass instead of other values)
+FIXED = {
+    "fp8": (8, None, "--bits 8 --group-size 0"),
+    "llm_int8": (8, None, "--bits 8 --group-size 0"),
+    "mxfp4": (4, 32, "--bits 4 --group-size 32"),
+    "nvfp4": (4, 16, "--bits 4 --group-size 16"),
+}
+AUTO = "auto"  # bits / group_size: the method's own (rtn: 4 bits, groups of 128; GGUF 32)
+GGUF_FILE = "model.gguf"
+GGUF_BLOCK = 32  # Q8_0, Q4_0 and MXFP4 blocks
 COMPRESSED_TENSORS_VERSION = "0.20.1"
 PACK_BITS = (3, 4, 8)
 
@@ -91,9 +116,15 @@ def check_out_dir(out_dir: str | os.PathLike[str]) -> Path:
 
 
 def check_options(
-    format: str, method: str, bits: int, group_size: int | None, symmetric: bool
-) -> None:
-    """One-line ``ValueError`` for an option the format cannot hold (before any work)."""
+    format: str,
+    method: str,
+    bits: int | None | str = AUTO,
+    group_size: int | None | str = AUTO,
+    symmetric: bool = True,
+) -> tuple[int | None, int | None]:
+    """The ``(bits, group_size)`` the export will use, or a one-line ``ValueError`` for an
+    option the format cannot hold, naming what can (run before any work). ``AUTO`` (or bits
+    None) picks the method's own; ``group_size=None`` means one scale per output channel."""
     if format not in FORMATS:
         raise ValueError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
     if method not in METHODS[format]:
@@ -103,24 +134,61 @@ def check_options(
             f"format {format} cannot hold method {method!r}{hint}; choose one of "
             f"{', '.join(METHODS[format])}"
         )
-    if method == "llm_int8":
-        return
-    if method == "fp8":
-        if bits != 8 or group_size is not None or not symmetric:
-            raise ValueError(
-                "compressed-tensors float-quantized holds FP8 E4M3 weights with one scale per "
-                "output channel: pass --bits 8 --group-size 0 without --asymmetric"
-            )
-        return
-    if bits not in PACK_BITS:
-        raise ValueError(
-            f"compressed-tensors pack-quantized holds 3-, 4- or 8-bit weights, not {bits}-bit: "
-            "pass --bits 3, 4 or 8"
-        )
-    if group_size is not None and (isinstance(group_size, bool) or group_size < 1):
-        raise ValueError(f"group_size must be a positive integer or None, got {group_size!r}")
     if not isinstance(symmetric, bool):
         raise ValueError(f"symmetric must be True or False, got {symmetric!r}")
+    if bits is not None and bits != AUTO and (isinstance(bits, bool) or not isinstance(bits, int)):
+        raise ValueError(f"bits must be an integer (or None: the method's own), got {bits!r}")
+    if group_size != AUTO and group_size is not None:
+        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+            raise ValueError(
+                f"group_size must be a positive integer, None (per channel) or 'auto', "
+                f"got {group_size!r}"
+            )
+    if method == "omniquant":
+        if bits not in (None, AUTO) or group_size != AUTO or not symmetric:
+            raise ValueError(
+                "method omniquant exports the calibrated OmniQuantLinear modules with their own "
+                "bits, groups and zero points: leave bits, group_size and symmetric unset"
+            )
+        return None, None
+    if method in FIXED:
+        want_bits, want_group, flags = FIXED[method]
+        if bits not in (None, AUTO, want_bits) or group_size not in (AUTO, want_group):
+            raise ValueError(
+                f"method {method} has {want_bits}-bit weights with "
+                f"{'one scale per output channel' if want_group is None else f'one scale per {want_group} inputs'}"
+                f": pass {flags} (or leave them unset)"
+            )
+        if not symmetric:
+            raise ValueError(
+                f"method {method} has no zero points: drop --asymmetric (rtn in format "
+                "compressed-tensors holds asymmetric weights)"
+            )
+        return want_bits, want_group
+    # rtn
+    b = 4 if bits in (None, AUTO) else int(bits)  # type: ignore[arg-type]
+    g = (GGUF_BLOCK if format == "gguf" else 128) if group_size == AUTO else group_size
+    assert g is None or isinstance(g, int)
+    if format == "gguf":
+        if b not in (4, 8) or not symmetric:
+            raise ValueError(
+                "GGUF holds symmetric 4- and 8-bit integers (Q4_0, Q8_0) with float16 scales: "
+                "pass --bits 4 or 8 without --asymmetric, or use --format compressed-tensors "
+                "(3-8 bits, zero points)"
+            )
+        if g is not None and g % GGUF_BLOCK:
+            raise ValueError(
+                f"GGUF blocks hold {GGUF_BLOCK} values: a group size of {g} cannot be expressed; "
+                f"pass a multiple of {GGUF_BLOCK} (or 0: per channel), or use --format "
+                "compressed-tensors (any group size dividing the layers)"
+            )
+        return b, g
+    if b not in PACK_BITS:
+        raise ValueError(
+            f"compressed-tensors pack-quantized holds 3-, 4- or 8-bit weights, not {b}-bit: "
+            "pass --bits 3, 4 or 8"
+        )
+    return b, g
 
 
 def _kept(name: str, ignore: Sequence[str]) -> bool:
@@ -128,35 +196,65 @@ def _kept(name: str, ignore: Sequence[str]) -> bool:
     return name not in ignore and name.split(".")[-1] not in ignore
 
 
-def _quantizable(model: nn.Module, ignore: Sequence[str]) -> dict[str, nn.Linear]:
-    return {n: m for n, m in model.named_modules() if isinstance(m, nn.Linear) and _kept(n, ignore)}
+def _layers(model: nn.Module, method: str, format: str, ignore: Sequence[str]) -> dict[str, Any]:
+    """The layers written quantized, by name: the ``nn.Linear``s not ignored, quantized by
+    ``method``, and the lowbit modules that the method exports as they are (``Linear8bitLt``
+    for llm_int8, ``OmniQuantLinear`` for omniquant, whose plain linears stay dense). Any other
+    lowbit module is refused: its quantization is not the method's."""
+    from lowbit.fast.nn import Linear8bitLt, QuantizedLinear
+    from lowbit.fast.nn.omniquant import OmniQuantLinear
 
-
-def _pack_linear(
-    name: str, lin: nn.Linear, bits: int, group_size: int | None, symmetric: bool
-) -> dict[str, torch.Tensor]:
-    """The compressed-tensors tensors of one linear (pack-quantized)."""
-    w = lin.weight.detach().cpu()
-    out_f, in_f = w.shape
-    if group_size is not None and in_f % group_size:
+    as_is = {"llm_int8": Linear8bitLt, "omniquant": OmniQuantLinear}.get(method)
+    layers: dict[str, Any] = {}
+    for name, m in model.named_modules():
+        if not isinstance(m, (nn.Linear, QuantizedLinear)) or not _kept(name, ignore):
+            continue
+        if isinstance(m, QuantizedLinear) and (as_is is None or not isinstance(m, as_is)):
+            holds = "bitsandbytes or compressed-tensors with method llm_int8"
+            if isinstance(m, OmniQuantLinear):
+                holds = "compressed-tensors with method omniquant"
+            elif not isinstance(m, Linear8bitLt):
+                holds = "no export format yet: pass the float model with method rtn"
+            raise ValueError(
+                f"layer {name!r} is a lowbit {type(m).__name__}, which {format} with method "
+                f"{method} cannot hold: export it as {holds}"
+            )
+        if method != "omniquant" or isinstance(m, OmniQuantLinear):
+            layers[name] = m
+    if not layers:
+        what = "OmniQuantLinear layers (run lowbit.fast.nn.omniquant.calibrate first)"
         raise ValueError(
-            f"layer {name!r} has {in_f} inputs, which group size {group_size} does not divide: "
-            "compressed-tensors has no shorter last group; pass a group size that divides every "
-            "layer's inputs, or none (per channel)"
+            f"the model has no {what if method == 'omniquant' else 'linear layers'} to export "
+            "(all ignored?)"
         )
-    granularity = "channel" if group_size is None else "group"
-    codes, scale, zero = uniform.encode(
-        w, bits, symmetric=symmetric, granularity=granularity, group_size=group_size
-    )
-    offset = 2 ** (bits - 1)
-    stored = codes.to(torch.int64) + (offset if symmetric else 0)  # unsigned, in [0, 2^b)
+    return layers
+
+
+def _weight(name: str, lin: nn.Linear, divisor: int | None = None, fix: str = "") -> torch.Tensor:
+    """The finite (out, in) weight of a linear, on the CPU; a one-line error for what the
+    format cannot hold: non-finite values, or inputs that ``divisor`` does not divide."""
+    w = lin.weight.detach().cpu()
+    if not bool(torch.isfinite(w).all()):
+        raise ValueError(f"layer {name!r} has non-finite weights: clean the model before export")
+    if divisor is not None and w.shape[1] % divisor:
+        raise ValueError(
+            f"layer {name!r} has {w.shape[1]} inputs, which group size {divisor} does not divide: "
+            f"compressed-tensors has no shorter last group; {fix}"
+        )
+    return w
+
+
+def _pack_codes(
+    name: str, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None, bits: int
+) -> dict[str, torch.Tensor]:
+    """pack-quantized tensors from unsigned codes in [0, 2^bits) and, asymmetric, unsigned zero
+    points (``zero``); symmetric codes come offset by 2^(bits-1)."""
     tensors = {
-        f"{name}.weight_packed": pack_rows(stored, bits),
-        f"{name}.weight_scale": scale.to(w.dtype).contiguous(),
-        f"{name}.weight_shape": torch.tensor([out_f, in_f], dtype=torch.int64),
+        f"{name}.weight_packed": pack_rows(codes.to(torch.int64), bits),
+        f"{name}.weight_scale": scale.contiguous(),
+        f"{name}.weight_shape": torch.tensor(list(codes.shape), dtype=torch.int64),
     }
-    if not symmetric:
-        assert zero is not None
+    if zero is not None:
         # compressed-tensors' zero point is signed like its codes (z - 2^(b-1)) and stored with
         # the same offset, which gives lowbit's unsigned z back; packed along dim 0
         tensors[f"{name}.weight_zero_point"] = pack_rows(
@@ -165,11 +263,49 @@ def _pack_linear(
     return tensors
 
 
-def _fp8_linear(name: str, lin: nn.Linear) -> dict[str, torch.Tensor]:
-    """The compressed-tensors tensors of one linear (float-quantized: FP8 E4M3, per channel)."""
+def _rtn_tensors(
+    name: str, lin: nn.Linear, bits: int, group_size: int | None, symmetric: bool
+) -> dict[str, torch.Tensor]:
+    """pack-quantized: lowbit's uniform RTN codes, scales in the model's dtype."""
+    fix = "pass a group size that divides every layer's inputs, or none (per channel)"
+    w = _weight(name, lin, group_size, fix)
+    granularity = "channel" if group_size is None else "group"
+    codes, scale, zero = uniform.encode(
+        w, bits, symmetric=symmetric, granularity=granularity, group_size=group_size
+    )
+    stored = codes.to(torch.int64) + (2 ** (bits - 1) if symmetric else 0)  # in [0, 2^b)
+    return _pack_codes(name, stored, scale.to(w.dtype), zero, bits)
+
+
+def _omniquant_tensors(name: str, m: Any) -> dict[str, torch.Tensor]:
+    """pack-quantized with zero points: an OmniQuantLinear's codes, float32 scales and zero
+    points as they are (x̂ = (q - z) · s in both). OmniQuant does not clamp its zero points to
+    the code range; compressed-tensors stores them as codes, so one outside is refused."""
+    if m.act_bits < 16:
+        raise ValueError(
+            f"layer {name!r} quantizes its activations (act_bits={m.act_bits}): compressed-tensors "
+            "has no OmniQuant activation quantizer; export a weight-only calibration (abits=16)"
+        )
+    if m.group_size is not None and m.in_features % m.group_size:
+        raise ValueError(
+            f"layer {name!r} has {m.in_features} inputs, which group size {m.group_size} does not "
+            "divide: compressed-tensors has no shorter last group; calibrate with a divisor"
+        )
+    zero = m.weight_zero.to(torch.int64).cpu()
+    if bool(((zero < 0) | (zero >= 2**m.bits)).any()):
+        raise ValueError(
+            f"layer {name!r} has zero points outside the {m.bits}-bit code range (a group that "
+            "does not straddle zero): compressed-tensors cannot store them; calibrate with "
+            "symmetric=True, or export the float model with method rtn"
+        )
+    return _pack_codes(name, m.codes().cpu(), m.weight_scale.cpu().float(), zero, m.bits)
+
+
+def _fp8_tensors(name: str, lin: nn.Linear) -> dict[str, torch.Tensor]:
+    """float-quantized: FP8 E4M3 codes of W / s, s = row absmax / 448 (0 for a zero row)."""
     from lowbit.fast import formats
 
-    w = lin.weight.detach().cpu().float()
+    w = _weight(name, lin).float()
     scale = w.abs().amax(dim=1, keepdim=True) / 448.0  # E4M3FN's largest finite value
     codes = formats.encode(w / torch.where(scale > 0, scale, 1.0), "e4m3fn")  # saturating
     return {
@@ -178,75 +314,149 @@ def _fp8_linear(name: str, lin: nn.Linear) -> dict[str, torch.Tensor]:
     }
 
 
-def _bitsandbytes_state(
-    model: nn.Module, ignore: Sequence[str], progress: bool
-) -> tuple[dict[str, torch.Tensor], float]:
-    """The bitsandbytes int8 state dict of ``model`` and its threshold: lowbit ``Linear8bitLt``
-    modules as they are, other linears (not ignored) quantized like ``Linear8bitLt.from_linear``."""
-    from tqdm.auto import tqdm
+def _as_int8(name: str, m: Any) -> Any:
+    """A layer as lowbit's Linear8bitLt: as it is, or a plain linear quantized like
+    ``Linear8bitLt.from_linear`` (row-wise absmax int8)."""
+    from lowbit.fast.nn import Linear8bitLt
 
-    from lowbit.fast.nn import Linear8bitLt, QuantizedLinear
+    if isinstance(m, Linear8bitLt):
+        return m
+    _weight(name, m)  # finite
+    return Linear8bitLt.from_linear(m)
 
-    tensors = _unique_state(model)
-    thresholds = set()
-    modules = [
-        (name, m)
-        for name, m in model.named_modules()
-        if isinstance(m, (nn.Linear, QuantizedLinear)) and _kept(name, ignore)
-    ]
-    for name, m in tqdm(modules, desc="export bitsandbytes", disable=not progress, leave=False):
-        if isinstance(m, QuantizedLinear) and not isinstance(m, Linear8bitLt):
-            raise ValueError(
-                f"layer {name!r} is a lowbit {type(m).__name__}, which bitsandbytes int8 cannot "
-                "hold: export it with format compressed-tensors, or quantize with Linear8bitLt"
-            )
-        if not isinstance(m, Linear8bitLt):
-            assert isinstance(m, nn.Linear)
-            m = Linear8bitLt.from_linear(m)
-            tensors.pop(f"{name}.weight", None)
-        else:
-            tensors.pop(f"{name}.weight_codes", None)
-            tensors.pop(f"{name}.weight_absmax", None)
-        thresholds.add(m.threshold)
-        tensors[f"{name}.weight"] = m.weight_codes.detach().cpu().contiguous()
-        tensors[f"{name}.SCB"] = m.weight_absmax.detach().cpu().float().contiguous()
-        tensors[f"{name}.weight_format"] = torch.tensor(0, dtype=torch.uint8)
-    if not modules:
-        raise ValueError("the model has no linear layers to quantize (all ignored?)")
-    if len(thresholds) > 1:
+
+def _int8_tensors(name: str, m: Any) -> dict[str, torch.Tensor]:
+    """int-quantized (W8A8): LLM.int8()'s row-wise int8 codes with scale absmax / 127 per row
+    (float32, correctly rounded: W = q · s). The activations are quantized per token by the
+    loader; the outlier decomposition has no representation in the format and is dropped."""
+    q = _as_int8(name, m)
+    absmax = q.weight_absmax.detach().cpu().float()[:, None]
+    return {
+        f"{name}.weight": q.weight_codes.detach().cpu().contiguous(),
+        f"{name}.weight_scale": absmax / torch.tensor(127.0),
+    }
+
+
+def _fp4_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """E2M1 codes (out, in) as bytes (out, in / 2): element 2i in the low nibble."""
+    c = codes.to(torch.uint8)
+    return (c[:, 0::2] | (c[:, 1::2] << 4)).contiguous()
+
+
+def _mxfp4_tensors(name: str, lin: nn.Linear) -> dict[str, torch.Tensor]:
+    """mxfp4-pack-quantized: OCP MXFP4 (E2M1 elements, one E8M0 scale per 32 inputs),
+    ``lowbit.fast.formats.encode_mx`` bit for bit."""
+    from lowbit.fast import formats
+
+    fix = "MXFP4 blocks hold 32 inputs (use method rtn for such layers, or ignore them)"
+    codes, scales = formats.encode_mx(_weight(name, lin, 32, fix).float(), "e2m1", 32)
+    return {f"{name}.weight_packed": _fp4_nibbles(codes), f"{name}.weight_scale": scales}
+
+
+def nvfp4_export_scale(w: torch.Tensor) -> torch.Tensor:
+    """The global scale the export gives a layer's NVFP4 weights: NVFP4's usual (448 · 6) /
+    amax (``formats.nvfp4_global_scale``) rounded down to a power of two. Then every weight,
+    e2m1 · scale / g with at most 6 significant bits, is exact in bfloat16 and float16: each
+    loader decodes the same number whatever its order of operations (with 2688 / amax itself,
+    compressed-tensors' bfloat16 decode and a correctly rounded one differ by an ulp in
+    thousands of SmolLM2's weights). The block scales lose under one binade of E4M3's range."""
+    from lowbit.fast import formats
+
+    mantissa, exponent = torch.frexp(formats.nvfp4_global_scale(w))  # g = m · 2^e, m in [0.5, 1)
+    return torch.ldexp(torch.ones((), dtype=torch.float32), exponent - 1)
+
+
+def _nvfp4_tensors(name: str, lin: nn.Linear) -> dict[str, torch.Tensor]:
+    """nvfp4-pack-quantized: NVFP4 (E2M1 elements, one E4M3 scale per 16 inputs, a float32
+    global scale per layer: ``nvfp4_export_scale``), ``lowbit.fast.formats.encode_nvfp4`` bit
+    for bit: W = e2m1 · scale / global."""
+    from lowbit.fast import formats
+
+    fix = "NVFP4 blocks hold 16 inputs (use method rtn for such layers, or ignore them)"
+    w = _weight(name, lin, 16, fix).float()
+    codes, scales, g = formats.encode_nvfp4(w, global_scale=nvfp4_export_scale(w))
+    return {
+        f"{name}.weight_packed": _fp4_nibbles(codes),
+        f"{name}.weight_scale": scales.view(torch.float8_e4m3fn),
+        f"{name}.weight_global_scale": g.reshape(1),
+    }
+
+
+def _bitsandbytes_tensors(name: str, m: Any) -> dict[str, torch.Tensor]:
+    """bitsandbytes int8: the codes, the float32 row absmax (SCB) and the weight format 0."""
+    q = _as_int8(name, m)
+    return {
+        f"{name}.weight": q.weight_codes.detach().cpu().contiguous(),
+        f"{name}.SCB": q.weight_absmax.detach().cpu().float().contiguous(),
+        f"{name}.weight_format": torch.tensor(0, dtype=torch.uint8),
+    }
+
+
+def _omniquant_scheme(layers: dict[str, Any]) -> tuple[int, int | None, bool]:
+    """The one (bits, group_size, symmetric=False) of a calibrated model's OmniQuantLinears:
+    written with zero points, which also hold the symmetric quantizer's z = 2^(b-1) - 1."""
+    schemes = {(m.bits, m.group_size) for m in layers.values()}
+    if len(schemes) > 1:
         raise ValueError(
-            f"bitsandbytes keeps one llm_int8_threshold per model; the layers use {sorted(thresholds)}"
+            f"the OmniQuantLinear layers mix bits and group sizes {sorted(schemes, key=str)}: "
+            "the export writes one scheme per model; calibrate with one setting"
         )
-    return tensors, thresholds.pop()
+    bits, group_size = schemes.pop()
+    return bits, group_size, False
 
 
-def _quantization_config(
-    method: str, bits: int, group_size: int | None, symmetric: bool, ignore: Sequence[str]
-) -> dict[str, Any]:
-    fmt = "float-quantized" if method == "fp8" else "pack-quantized"
-    weights = {
+# compressed-tensors: each method's format and its config group's quantization arguments
+_CT_FORMATS = {
+    "rtn": "pack-quantized",
+    "omniquant": "pack-quantized",
+    "fp8": "float-quantized",
+    "llm_int8": "int-quantized",
+    "mxfp4": "mxfp4-pack-quantized",
+    "nvfp4": "nvfp4-pack-quantized",
+}
+
+
+def _ct_scheme(method: str, bits: int, group_size: int | None, symmetric: bool) -> dict[str, Any]:
+    """The config group of a method: weights and input activations as compressed-tensors'
+    ``QuantizationArgs`` serialise them (its presets W{b}A16, FP8 weight-only, INT8_W8A8,
+    MXFP4A16, NVFP4A16)."""
+    weights: dict[str, Any] = {
         "num_bits": bits,
-        "type": "float" if method == "fp8" else "int",
+        "type": "int",
         "symmetric": symmetric,
         "strategy": "channel" if group_size is None else "group",
         "group_size": group_size,
         "dynamic": False,
         "observer": "minmax",
     }
+    activations = None
+    if method == "fp8":
+        weights["type"] = "float"
+    elif method == "llm_int8":
+        activations = {"num_bits": 8, "type": "int", "symmetric": True, "strategy": "token",
+                       "group_size": None, "dynamic": True}  # fmt: skip
+    elif method == "mxfp4":
+        weights.update(type="float", scale_dtype="torch.uint8")
+    elif method == "nvfp4":
+        weights.update(type="float", strategy="tensor_group", scale_dtype="torch.float8_e4m3fn")
+    return {
+        "targets": ["Linear"],
+        "weights": weights,
+        "input_activations": activations,
+        "output_activations": None,
+        "format": _CT_FORMATS[method],
+    }
+
+
+def _quantization_config(
+    method: str, scheme: dict[str, Any], dense: Sequence[str]
+) -> dict[str, Any]:
     return {
         "quant_method": "compressed-tensors",
-        "format": fmt,
+        "format": _CT_FORMATS[method],
         "quantization_status": "compressed",
-        "config_groups": {
-            "group_0": {
-                "targets": ["Linear"],
-                "weights": weights,
-                "input_activations": None,
-                "output_activations": None,
-                "format": fmt,
-            }
-        },
-        "ignore": list(ignore),
+        "config_groups": {"group_0": scheme},
+        "ignore": list(dense),
         "kv_cache_scheme": None,
         "sparsity_config": {},
         "transform_config": {},
@@ -267,78 +477,121 @@ def _unique_state(model: nn.Module) -> dict[str, torch.Tensor]:
     return out
 
 
+def _write_folder(
+    staging: Path, tensors: dict[str, torch.Tensor], config: dict[str, Any], tokenizer: Any
+) -> None:
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(staging / "model.safetensors"), metadata={"format": "pt"})
+    (staging / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(staging))
+
+
+def _write_atomically(out: Path, write: Callable[[Path], None]) -> None:
+    """Run ``write(staging)`` on a hidden sibling folder of ``out`` and rename it into place: a
+    failed or interrupted export leaves no folder that looks complete."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        write(staging)
+        if out.exists():
+            out.rmdir()  # empty (checked before any work)
+        os.replace(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+
+
 def export(
     model: nn.Module,
     out_dir: str | os.PathLike[str],
     format: str = "compressed-tensors",
     *,
     method: str | None = None,
-    bits: int = 4,
-    group_size: int | None = 128,
+    bits: int | None | str = AUTO,
+    group_size: int | None | str = AUTO,
     symmetric: bool = True,
     tokenizer: Any = None,
     ignore: Sequence[str] = ("lm_head",),
     progress: bool = True,
 ) -> Path:
-    """Quantize ``model``'s linears with ``method`` (``"rtn"``: ``lowbit.fast.uniform``;
-    ``"fp8"``: E4M3 per channel; ``"llm_int8"``: row-wise int8; default: the format's first,
-    ``METHODS``) and write them in ``format`` to ``out_dir`` (see the module
-    docstring); returns the folder's path.
+    """Quantize ``model``'s linears with ``method`` and write them in ``format`` to
+    ``out_dir`` (see the module docstring; ``METHODS`` lists each format's methods, the first
+    is the default); returns the folder's path.
 
-    ``bits`` 3, 4 or 8 (``"fp8"``: 8, with ``group_size=None``); ``group_size`` a divisor of
-    every quantized layer's inputs (None: one scale per output channel); ``symmetric=False`` adds zero points. ``model`` is a Hugging
+    ``bits`` and ``group_size`` concern ``"rtn"``: 3, 4 or 8 bits (GGUF: 4 or 8), a group size
+    dividing every quantized layer's inputs (GGUF: a multiple of 32) or None for one scale per
+    output channel; ``AUTO``: 4 bits in groups of 128 (GGUF: 32). The other methods have fixed
+    blocks (``FIXED``) or, for ``"omniquant"``, the calibrated modules' own; passing other
+    values is refused. ``symmetric=False`` adds zero points (``"rtn"``). ``model`` is a Hugging
     Face ``PreTrainedModel`` (its ``config`` is written); it is not modified. ``out_dir`` must
     not exist or be empty: a half-written folder never looks complete.
     """
-    from safetensors.torch import save_file
     from tqdm.auto import tqdm
 
     if format in METHODS and method is None:
         method = METHODS[format][0]  # rtn for compressed-tensors, llm_int8 for bitsandbytes
-    check_options(format, str(method), bits, group_size, symmetric)
+    nbits, group = check_options(format, str(method), bits, group_size, symmetric)
     assert method is not None
     config = getattr(model, "config", None)
     if config is None or not hasattr(config, "to_dict"):
         raise ValueError("export needs a Hugging Face PreTrainedModel (one with a .config)")
     out = check_out_dir(out_dir)
+    if format == "gguf":
+        from lowbit.fast import _gguf
+
+        def write_gguf(staging: Path) -> None:
+            _gguf.write_gguf(
+                model, staging / GGUF_FILE, method=method, bits=nbits, group_size=group,
+                tokenizer=tokenizer, ignore=ignore, progress=progress,
+            )  # fmt: skip
+
+        _write_atomically(out, write_gguf)
+        return out
+    layers = _layers(model, method, format, ignore)
+    tensors = _unique_state(model)
+    thresholds = set()
+    for name, m in tqdm(layers.items(), desc=f"export {format}", disable=not progress,
+                        leave=False):  # fmt: skip
+        # the layer's own float weight or lowbit buffers give way to the format's tensors
+        for key in dict(m.named_parameters(recurse=False)) | dict(m.named_buffers(recurse=False)):
+            if key != "bias":
+                tensors.pop(f"{name}.{key}", None)
+        if format == "bitsandbytes":
+            thresholds.add(getattr(m, "threshold", 6.0))  # plain linears: from_linear's 6.0
+            tensors.update(_bitsandbytes_tensors(name, m))
+        elif method == "rtn":
+            assert nbits is not None
+            tensors.update(_rtn_tensors(name, m, nbits, group, symmetric))
+        elif method == "omniquant":
+            tensors.update(_omniquant_tensors(name, m))
+        else:
+            make = {"fp8": _fp8_tensors, "llm_int8": _int8_tensors, "mxfp4": _mxfp4_tensors,
+                    "nvfp4": _nvfp4_tensors}[method]  # fmt: skip
+            tensors.update(make(name, m))
     config_dict = config.to_dict()
+    dense = [n for n, m in model.named_modules() if isinstance(m, nn.Linear) and n not in layers]
     if format == "bitsandbytes":
-        tensors, threshold = _bitsandbytes_state(model, ignore, progress)
+        if len(thresholds) > 1:
+            raise ValueError(
+                "bitsandbytes keeps one llm_int8_threshold per model; the layers use "
+                f"{sorted(thresholds)}: rebuild them with one threshold"
+            )
         config_dict["quantization_config"] = {
             "quant_method": "bitsandbytes",
             "load_in_8bit": True,
             "load_in_4bit": False,
-            "llm_int8_threshold": threshold,
+            "llm_int8_threshold": thresholds.pop(),
             "llm_int8_skip_modules": list(ignore),
             "llm_int8_has_fp16_weight": False,
         }
     else:
-        linears = _quantizable(model, ignore)
-        if not linears:
-            raise ValueError("the model has no nn.Linear layers to quantize (all ignored?)")
-        tensors = _unique_state(model)
-        for name, lin in tqdm(linears.items(), desc=f"export {format}", disable=not progress,
-                              leave=False):  # fmt: skip
-            tensors.pop(f"{name}.weight", None)
-            if method == "fp8":
-                tensors.update(_fp8_linear(name, lin))
-            else:
-                tensors.update(_pack_linear(name, lin, bits, group_size, symmetric))
-        config_dict["quantization_config"] = _quantization_config(
-            method, bits, group_size, symmetric, ignore
-        )
+        if method == "omniquant":
+            nbits, group, symmetric = _omniquant_scheme(layers)
+        assert nbits is not None
+        scheme = _ct_scheme(method, nbits, group, symmetric)
+        config_dict["quantization_config"] = _quantization_config(method, scheme, dense)
 
-    out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
-    try:
-        save_file(tensors, str(staging / "model.safetensors"), metadata={"format": "pt"})
-        (staging / "config.json").write_text(json.dumps(config_dict, indent=2, sort_keys=True))
-        if tokenizer is not None:
-            tokenizer.save_pretrained(str(staging))
-        if out.exists():
-            out.rmdir()  # empty (checked above)
-        os.replace(staging, out)
-    except BaseException:
-        shutil.rmtree(staging, ignore_errors=True)
-        raise
+    _write_atomically(out, lambda staging: _write_folder(staging, tensors, config_dict, tokenizer))
     return out

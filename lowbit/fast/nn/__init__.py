@@ -20,7 +20,10 @@ Modules: ``Linear8bitLt`` (LLM.int8(), arXiv 2208.07339, ``lowbit.fast.nn.llm_in
 ``FPQLinear`` (LLM-FP4, arXiv 2310.16836, ``lowbit.fast.nn.fpq``), ``OmniQuantLinear``
 (OmniQuant, arXiv 2308.13137, ``lowbit.fast.nn.omniquant``, which also holds its block-wise
 ``calibrate``) and the trainable ``Int4Linear`` (4-bit training, arXiv 2306.11987,
-``lowbit.fast.nn.int4_training``, with ``convert_for_training``). Adding a method: write
+``lowbit.fast.nn.int4_training``, with ``convert_for_training``), and the weight-only
+``RTNLinear``, ``FormatLinear``, ``MXLinear`` and ``NVFP4Linear`` (the uniform quantizer and
+the number formats, ``lowbit.fast.nn.weight_only``, which ``lowbit.fast.hf_quantizer`` swaps
+in while transformers loads a model). Adding a method: write
 ``lowbit/fast/nn/<method>.py`` with its class decorated by ``@register_module``, and add one import line
 at the bottom of this file (it registers the class and re-exports it from ``lowbit.fast.nn``).
 """
@@ -205,6 +208,10 @@ from lowbit.fast.nn.fpq import FPQLinear as FPQLinear  # noqa: E402
 from lowbit.fast.nn.int4_training import Int4Linear as Int4Linear  # noqa: E402
 from lowbit.fast.nn.llm_int8 import Linear8bitLt as Linear8bitLt  # noqa: E402
 from lowbit.fast.nn.omniquant import OmniQuantLinear as OmniQuantLinear  # noqa: E402
+from lowbit.fast.nn.weight_only import FormatLinear as FormatLinear  # noqa: E402
+from lowbit.fast.nn.weight_only import MXLinear as MXLinear  # noqa: E402
+from lowbit.fast.nn.weight_only import NVFP4Linear as NVFP4Linear  # noqa: E402
+from lowbit.fast.nn.weight_only import RTNLinear as RTNLinear  # noqa: E402
 
 # the re-exported classes, for `from lowbit.fast.nn import *` (the docs show them per submodule)
 __all__ += sorted(

@@ -47,6 +47,7 @@ PAIRS: dict[str, Pair] = {}
 
 # Fast modules that are not mirrored (they exist only on the torch side: DESIGN.md section 1).
 TORCH_ONLY_MODULES = {"nn", "convert", "cli", "models", "report", "data", "testing", "export"}
+TORCH_ONLY_MODULES |= {"hf_quantizer"}
 
 
 def register(pair: Pair) -> Pair:
