@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -15,6 +16,7 @@ import transformers
 
 from lowbit.fast import cli, export, formats, uniform
 from lowbit.fast.models import embed, load_minilm
+from lowbit.fast.nn import FormatLinear, MXLinear, RTNLinear
 from tests.tiny_models import tiny_llama
 
 pytest.importorskip("compressed_tensors")
@@ -33,6 +35,16 @@ def _dense_copy(model, bits, group_size, symmetric, ignore=("lm_head",)):
                     )
                 )  # fmt: skip
     return dense
+
+
+def _layers_match_lowbit_modules(loaded, model, make, dtype=torch.float32):
+    """Each loaded attention / MLP input projection computes what lowbit's own module for the
+    same float linear computes (``make(linear)``), bit for bit."""
+    x = torch.randn(5, 64, generator=torch.Generator().manual_seed(11)).to(dtype)
+    for name in ("model.layers.0.self_attn.q_proj", "model.layers.1.mlp.up_proj"):
+        mine = make(model.get_submodule(name)).to(dtype)
+        with torch.no_grad():
+            assert torch.equal(loaded.get_submodule(name)(x), mine(x)), name
 
 
 def _pack_by_hand(values: np.ndarray, bits: int) -> np.ndarray:
@@ -80,6 +92,9 @@ def test_symmetric_pack_quantized_loads_bit_exact(tmp_path, bits, group_size):
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, dense(ids).logits)
         assert not torch.equal(dense(ids).logits, model(ids).logits)  # it did quantize
+    _layers_match_lowbit_modules(
+        loaded, model, lambda lin: RTNLinear.from_linear(lin, bits, group_size, symmetric=True)
+    )
 
 
 def test_asymmetric_loads_bit_exact_with_dequantize(tmp_path):
@@ -117,6 +132,7 @@ def test_fp8_float_quantized_loads_bit_exact(tmp_path):
     with torch.no_grad():
         logits = loaded(ids).logits
         assert torch.isfinite(logits).all() and torch.equal(logits, dense(ids).logits)
+    _layers_match_lowbit_modules(loaded, model, lambda lin: FormatLinear.from_linear(lin, "e4m3fn"))
     with pytest.raises(ValueError, match="--bits 8 --group-size 0"):
         export.export(model, tmp_path / "bad", method="fp8", bits=4, progress=False)
 
@@ -126,6 +142,9 @@ def test_tied_embeddings_stay_tied_and_the_model_is_untouched(tmp_path):
     before = {k: v.clone() for k, v in model.state_dict().items()}
     out = export.export(model, tmp_path / "ct", bits=4, group_size=32, progress=False)
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    umask = os.umask(0)
+    os.umask(umask)
+    assert out.stat().st_mode & 0o777 == 0o777 & ~umask  # a folder like any other, not 0700
     loaded = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32).eval()
     assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
     ids = torch.randint(0, 256, (1, 9), generator=torch.Generator().manual_seed(3))
@@ -318,6 +337,8 @@ def test_fp4_pack_quantized_loads_bit_exact_in_bfloat16(tmp_path, method):
             _dense_folder(model, tmp_path / "fp", lambda w: w), dtype=torch.bfloat16
         )
         assert not torch.equal(logits, plain(ids).logits)  # it did quantize
+    if method == "mxfp4":  # (lowbit's NVFP4Linear keeps NVFP4's usual global scale 2688 / amax)
+        _layers_match_lowbit_modules(loaded, model, MXLinear.from_linear, torch.bfloat16)
 
 
 def _power_of_two_scale(w: torch.Tensor) -> float:
@@ -345,7 +366,8 @@ def test_int8_w8a8_loads_bit_exact_and_tracks_lowbit_int8(tmp_path, capsys):
     from lowbit.fast.nn import Linear8bitLt
 
     model = tiny_llama()
-    out = export.export(model, tmp_path / "w8a8", method="llm_int8", progress=False)
+    with pytest.warns(UserWarning, match="no representation for LLM.int8"):
+        out = export.export(model, tmp_path / "w8a8", method="llm_int8", progress=False)
     config = json.loads((out / "config.json").read_text())["quantization_config"]
     group = config["config_groups"]["group_0"]
     assert config["format"] == "int-quantized" and group["input_activations"]["dynamic"]

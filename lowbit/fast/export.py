@@ -49,7 +49,8 @@ import json
 import math
 import os
 import shutil
-import tempfile
+import uuid
+import warnings
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -492,7 +493,10 @@ def _write_atomically(out: Path, write: Callable[[Path], None]) -> None:
     """Run ``write(staging)`` on a hidden sibling folder of ``out`` and rename it into place: a
     failed or interrupted export leaves no folder that looks complete."""
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    # not tempfile.mkdtemp: its mode 0700 would become the finished folder's; mkdir applies
+    # the umask as for any new folder
+    staging = out.parent / f".{out.name}.partial-{uuid.uuid4().hex}"
+    staging.mkdir()
     try:
         write(staging)
         if out.exists():
@@ -550,6 +554,14 @@ def export(
         _write_atomically(out, write_gguf)
         return out
     layers = _layers(model, method, format, ignore)
+    if method == "llm_int8" and format == "compressed-tensors":
+        warnings.warn(
+            "compressed-tensors int-quantized (W8A8) has no representation for LLM.int8()'s "
+            "outlier decomposition: the loader quantizes every activation column to int8 (use "
+            "format bitsandbytes to keep the decomposition)",
+            UserWarning,
+            stacklevel=2,
+        )
     tensors = _unique_state(model)
     thresholds = set()
     for name, m in tqdm(layers.items(), desc=f"export {format}", disable=not progress,
