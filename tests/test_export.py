@@ -8,6 +8,7 @@ import copy
 import json
 import math
 import os
+import warnings
 
 import numpy as np
 import pytest
@@ -252,14 +253,17 @@ def test_a_failed_write_leaves_no_folder(tmp_path, monkeypatch):
 def test_what_the_format_cannot_hold_is_refused_in_one_line(tmp_path):
     model = tiny_llama()
     cases = [
-        (dict(bits=5), "3-, 4- or 8-bit"),
+        (dict(bits=9), "2- to 8-bit"),
         (dict(group_size=48), "'model.layers.0.self_attn.q_proj' has 64 inputs"),
         (dict(format="onnx"), "unknown export format 'onnx'"),
         (dict(method="gptq"), "cannot hold method 'gptq'"),
         (dict(format="bitsandbytes", method="rtn"), "(format compressed-tensors holds it)"),
-        (dict(method="mxfp4", group_size=16), "pass --bits 4 --group-size 32"),
+        (dict(method="mxfp4", group_size=16), "bits=4, group_size=32 (--bits 4 --group-size 32)"),
         (dict(method="nvfp4", group_size="auto", symmetric=False), "has no zero points"),
-        (dict(method="llm_int8", bits=4, group_size="auto"), "pass --bits 8 --group-size 0"),
+        (
+            dict(method="llm_int8", bits=4, group_size="auto"),
+            "group_size=None (--bits 8 --group-size 0)",
+        ),
         (dict(method="omniquant", group_size="auto"), "run lowbit.fast.nn.omniquant.calibrate"),
         (dict(method="omniquant"), "leave bits, group_size and symmetric unset"),
     ]
@@ -507,3 +511,51 @@ def test_smollm2_rtn_and_nvfp4_load_bit_exact(smollm2, tmp_path):
     ).eval()
     with torch.no_grad():
         assert torch.equal(loaded(ids).logits, dense(ids).logits)
+
+
+def _rtn_16bit(w: torch.Tensor) -> torch.Tensor:
+    """Symmetric 4-bit g32 with the scale rounded to w's dtype first (float32 math otherwise)."""
+    g = w.float().reshape(w.shape[0], -1, 32)
+    s = (g.abs().amax(-1, keepdim=True) / 7).to(w.dtype).float()
+    q = torch.clamp(torch.round(g / torch.where(s > 0, s, 1.0)), -7, 7)
+    return (q * s).reshape(w.shape)
+
+
+def _fp8_16bit(w: torch.Tensor) -> torch.Tensor:
+    s = (w.float().abs().amax(1, keepdim=True) / 448).to(w.dtype).float()
+    return formats.quantize(w.float() / torch.where(s > 0, s, 1.0), "e4m3fn") * s
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16], ids=str)
+def test_16bit_models_export_and_load_in_their_dtype(tmp_path, dtype):
+    """A float16 / bfloat16 model: its scales are stored in its dtype and the codes computed
+    with them, so the loaded model equals a dense one of that dtype holding q · s16 (written
+    here); every other method loads with the folder's own dtype and computes finite logits."""
+    model = tiny_llama().to(dtype)
+    ids = torch.randint(0, 256, (2, 12), generator=torch.Generator().manual_seed(12))
+    for method, quantize in (("rtn", _rtn_16bit), ("fp8", _fp8_16bit)):
+        out = export.export(model, tmp_path / method, method=method, group_size="auto" if
+                            method == "fp8" else 32, progress=False)  # fmt: skip
+        loaded = transformers.AutoModelForCausalLM.from_pretrained(out, dtype=dtype).eval()
+        dense = transformers.AutoModelForCausalLM.from_pretrained(
+            _dense_folder(model, tmp_path / method, quantize), dtype=dtype
+        ).eval()
+        with torch.no_grad():
+            assert torch.equal(loaded(ids).logits, dense(ids).logits), method
+    for method in ("llm_int8", "mxfp4", "nvfp4"):
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", UserWarning)  # llm_int8: the dropped decomposition
+            out = export.export(model, tmp_path / method, method=method, progress=False)
+        loaded = transformers.AutoModelForCausalLM.from_pretrained(out).eval()  # its dtype
+        with torch.no_grad():
+            assert torch.isfinite(loaded(ids).logits).all(), method
+
+
+def test_tied_head_and_late_group_errors_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="'lm_head' shares its weight .* keep it in ignore"):
+        export.export(tiny_llama(tie=True), tmp_path / "t", group_size=32, ignore=(),
+                      progress=False)  # fmt: skip
+    # omniquant: a group size that does not divide MiniLM's layers, before the calibration
+    argv = ["export", "--method", "omniquant", "--group-size", "100", "--out", str(tmp_path / "o")]
+    assert cli.main(argv) == 2
+    assert not (tmp_path / "o").exists()

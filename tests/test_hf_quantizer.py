@@ -285,6 +285,10 @@ def test_config_defaults_and_dict_round_trip():
         "modules_to_not_convert": ["lm_head"],
     }
     assert LowbitConfig("llm_int8").threshold == 6.0
+    # None means one scale per output channel, as in the rest of lowbit (not "the default")
+    assert LowbitConfig("rtn", group_size=None).group_size == 0
+    with pytest.raises(ValueError, match="takes threshold, not group_size"):
+        LowbitConfig("llm_int8", group_size=None)
     assert LowbitConfig("mx").to_dict()["fmt"] == "e2m1"
     assert LowbitConfig("format").fmt == "e4m3fn" and LowbitConfig("format").bits is None
     for kwargs in [*CASES.values(), dict(method="llm_int8", threshold=0.0)]:

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+import warnings
 from collections.abc import Sequence
 
 PROG = "lowbit"
@@ -146,8 +147,8 @@ def _parser() -> _Parser:
                         "bitsandbytes' default), mxfp4, nvfp4, or omniquant (LWC calibration "
                         "on 8 Shakespeare passages, then the calibrated weights)")  # fmt: skip
     export.add_argument("--bits", metavar="N", type=int, default=None,
-                        help="rtn / omniquant weight bits (default 4; compressed-tensors 3, 4 "
-                        "or 8; gguf 4 or 8); the other methods have their own")  # fmt: skip
+                        help="rtn / omniquant weight bits (default 4; compressed-tensors 2 to "
+                        "8; gguf 4 or 8); the other methods have their own")  # fmt: skip
     export.add_argument("--group-size", metavar="N", type=int, default=None,
                         help="rtn / omniquant inputs per scale (default 128, gguf 32; 0: one "
                         "scale per output channel); the other methods have their own")  # fmt: skip
@@ -164,6 +165,8 @@ def _parser() -> _Parser:
 
 
 def _export(args: argparse.Namespace) -> int:
+    import torch
+
     from lowbit.fast import export, models
 
     if args.model not in ("minilm", "smollm2"):
@@ -182,6 +185,7 @@ def _export(args: argparse.Namespace) -> int:
                 f"omniquant calibrates 2- to 8-bit weights, not {bits}: pass --bits 2-8"
             )
         group_size = 128 if group_size == export.AUTO else group_size
+        assert not isinstance(group_size, str)
         symmetric = False  # OmniQuant's quantizer, as in the paper: zero points
     else:
         bits, group_size = export.check_options(
@@ -198,13 +202,22 @@ def _export(args: argparse.Namespace) -> int:
         models.load_minilm(keep_pooler=True) if args.model == "minilm" else models.load_smollm2()
     )
     if calibrating:
+        for name, m in models.transformer_blocks(net).named_modules():
+            if isinstance(m, torch.nn.Linear) and group_size and m.in_features % group_size:
+                raise ValueError(
+                    f"group size {group_size} does not divide the {m.in_features} inputs of "
+                    f"{name!r}, and compressed-tensors has no shorter last group: pass a divisor "
+                    "(--group-size 64, 128) or 0 (per channel)"
+                )
         _calibrate_omniquant(net, tokenizer, bits, group_size, progress=not args.no_progress)
-    export.export(
-        net, out, args.format, method=method,
-        bits=export.AUTO if calibrating else bits,
-        group_size=export.AUTO if calibrating else group_size,
-        symmetric=symmetric or calibrating, tokenizer=tokenizer, progress=not args.no_progress,
-    )  # fmt: skip
+    with warnings.catch_warnings():  # the summary below says what the format leaves out
+        warnings.filterwarnings("ignore", "compressed-tensors int-quantized", UserWarning)
+        export.export(
+            net, out, args.format, method=method,
+            bits=export.AUTO if calibrating else bits,
+            group_size=export.AUTO if calibrating else group_size,
+            symmetric=symmetric or calibrating, tokenizer=tokenizer, progress=not args.no_progress,
+        )  # fmt: skip
     print(
         f"wrote {out}: {args.format}, {method} {_scheme(method, args.format, bits, group_size, symmetric)}"
     )

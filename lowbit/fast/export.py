@@ -86,7 +86,7 @@ AUTO = "auto"  # bits / group_size: the method's own (rtn: 4 bits, groups of 128
 GGUF_FILE = "model.gguf"
 GGUF_BLOCK = 32  # Q8_0, Q4_0 and MXFP4 blocks
 COMPRESSED_TENSORS_VERSION = "0.20.1"
-PACK_BITS = (3, 4, 8)
+PACK_BITS = tuple(range(2, 9))  # any width up to a byte packs into the bit stream
 
 
 def pack_rows(values: torch.Tensor, bits: int) -> torch.Tensor:
@@ -116,6 +116,12 @@ def check_out_dir(out_dir: str | os.PathLike[str]) -> Path:
     return out
 
 
+def _scheme_words(bits: int, group: int | None) -> str:
+    return f"{bits}-bit weights with one scale per " + (
+        "output channel" if group is None else f"{group} inputs"
+    )
+
+
 def check_options(
     format: str,
     method: str,
@@ -125,7 +131,7 @@ def check_options(
 ) -> tuple[int | None, int | None]:
     """The ``(bits, group_size)`` the export will use, or a one-line ``ValueError`` for an
     option the format cannot hold, naming what can (run before any work). ``AUTO`` (or bits
-    None) picks the method's own; ``group_size=None`` means one scale per output channel."""
+    None) picks the method's own; ``group_size`` None or 0 means one scale per output channel."""
     if format not in FORMATS:
         raise ValueError(f"unknown export format {format!r}; choose one of {', '.join(FORMATS)}")
     if method not in METHODS[format]:
@@ -140,11 +146,12 @@ def check_options(
     if bits is not None and bits != AUTO and (isinstance(bits, bool) or not isinstance(bits, int)):
         raise ValueError(f"bits must be an integer (or None: the method's own), got {bits!r}")
     if group_size != AUTO and group_size is not None:
-        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 0:
             raise ValueError(
-                f"group_size must be a positive integer, None (per channel) or 'auto', "
-                f"got {group_size!r}"
+                "group_size must be a positive integer, None or 0 (one scale per output "
+                f"channel) or 'auto', got {group_size!r}"
             )
+        group_size = group_size or None
     if method == "omniquant":
         if bits not in (None, AUTO) or group_size != AUTO or not symmetric:
             raise ValueError(
@@ -156,14 +163,13 @@ def check_options(
         want_bits, want_group, flags = FIXED[method]
         if bits not in (None, AUTO, want_bits) or group_size not in (AUTO, want_group):
             raise ValueError(
-                f"method {method} has {want_bits}-bit weights with "
-                f"{'one scale per output channel' if want_group is None else f'one scale per {want_group} inputs'}"
-                f": pass {flags} (or leave them unset)"
+                f"method {method} has {_scheme_words(want_bits, want_group)}: leave bits and "
+                f"group_size unset, or pass bits={want_bits}, group_size={want_group} ({flags})"
             )
         if not symmetric:
             raise ValueError(
-                f"method {method} has no zero points: drop --asymmetric (rtn in format "
-                "compressed-tensors holds asymmetric weights)"
+                f"method {method} has no zero points: pass symmetric=True (drop --asymmetric); "
+                "method rtn in format compressed-tensors holds zero points"
             )
         return want_bits, want_group
     # rtn
@@ -174,20 +180,20 @@ def check_options(
         if b not in (4, 8) or not symmetric:
             raise ValueError(
                 "GGUF holds symmetric 4- and 8-bit integers (Q4_0, Q8_0) with float16 scales: "
-                "pass --bits 4 or 8 without --asymmetric, or use --format compressed-tensors "
-                "(3-8 bits, zero points)"
+                "pass bits 4 or 8 with symmetric=True (--bits 4 or 8, no --asymmetric), or use "
+                "format compressed-tensors (2-8 bits, zero points)"
             )
         if g is not None and g % GGUF_BLOCK:
             raise ValueError(
                 f"GGUF blocks hold {GGUF_BLOCK} values: a group size of {g} cannot be expressed; "
-                f"pass a multiple of {GGUF_BLOCK} (or 0: per channel), or use --format "
-                "compressed-tensors (any group size dividing the layers)"
+                f"pass a multiple of {GGUF_BLOCK} (or None, --group-size 0: per channel), or use "
+                "format compressed-tensors (any group size dividing the layers)"
             )
         return b, g
     if b not in PACK_BITS:
         raise ValueError(
-            f"compressed-tensors pack-quantized holds 3-, 4- or 8-bit weights, not {b}-bit: "
-            "pass --bits 3, 4 or 8"
+            f"compressed-tensors pack-quantized holds 2- to 8-bit weights, not {b}-bit: "
+            "pass bits 2 to 8 (--bits)"
         )
     return b, g
 
@@ -206,10 +212,18 @@ def _layers(model: nn.Module, method: str, format: str, ignore: Sequence[str]) -
     from lowbit.fast.nn.omniquant import OmniQuantLinear
 
     as_is = {"llm_int8": Linear8bitLt, "omniquant": OmniQuantLinear}.get(method)
+    uses: dict[int, int] = {}  # how many names each parameter has (tied weights: several)
+    for _, p in model.named_parameters(remove_duplicate=False):
+        uses[id(p)] = uses.get(id(p), 0) + 1
     layers: dict[str, Any] = {}
     for name, m in model.named_modules():
         if not isinstance(m, (nn.Linear, QuantizedLinear)) or not _kept(name, ignore):
             continue
+        if isinstance(m, nn.Linear) and uses[id(m.weight)] > 1:
+            raise ValueError(
+                f"layer {name!r} shares its weight with another layer (tied embeddings), which "
+                f"{format} cannot quantize: keep it in ignore (as by default), or untie it"
+            )
         if isinstance(m, QuantizedLinear) and (as_is is None or not isinstance(m, as_is)):
             holds = "bitsandbytes or compressed-tensors with method llm_int8"
             if isinstance(m, OmniQuantLinear):
@@ -264,18 +278,36 @@ def _pack_codes(
     return tensors
 
 
+def _stored_scale(name: str, scale: torch.Tensor, amax: torch.Tensor, dtype: torch.dtype):
+    """``scale`` rounded to the model's ``dtype``, where the file keeps it (float32 for
+    float64 models); a one-line error where a nonzero row or group's scale would round to 0."""
+    stored = scale.to(torch.float32 if dtype == torch.float64 else dtype)
+    if bool(((stored == 0) & (amax > 0)).any()):
+        raise ValueError(
+            f"layer {name!r} has weights so small that their scale underflows {stored.dtype}: "
+            "export the model in float32 (model.float())"
+        )
+    return stored
+
+
 def _rtn_tensors(
     name: str, lin: nn.Linear, bits: int, group_size: int | None, symmetric: bool
 ) -> dict[str, torch.Tensor]:
-    """pack-quantized: lowbit's uniform RTN codes, scales in the model's dtype."""
+    """pack-quantized: lowbit's uniform RTN codes. The scales are stored in the model's dtype
+    (as compressed-tensors expects); for a 16-bit model they are rounded first and the codes
+    computed with the rounded scale, so the file holds exactly q and s with W = (q - z) · s."""
     fix = "pass a group size that divides every layer's inputs, or none (per channel)"
     w = _weight(name, lin, group_size, fix)
     granularity = "channel" if group_size is None else "group"
-    codes, scale, zero = uniform.encode(
-        w, bits, symmetric=symmetric, granularity=granularity, group_size=group_size
-    )
-    stored = codes.to(torch.int64) + (2 ** (bits - 1) if symmetric else 0)  # in [0, 2^b)
-    return _pack_codes(name, stored, scale.to(w.dtype), zero, bits)
+    options: dict[str, Any] = dict(granularity=granularity, group_size=group_size)
+    codes, scale, zero = uniform.encode(w, bits, symmetric=symmetric, **options)
+    stored = _stored_scale(name, scale, scale, w.dtype)
+    if stored.dtype != scale.dtype:
+        codes, _, zero = uniform.encode(
+            w, bits, symmetric=symmetric, scale=stored.float(), zero_point=zero, **options
+        )
+    codes = codes.to(torch.int64) + (2 ** (bits - 1) if symmetric else 0)  # in [0, 2^b)
+    return _pack_codes(name, codes, stored, zero, bits)
 
 
 def _omniquant_tensors(name: str, m: Any) -> dict[str, torch.Tensor]:
@@ -303,16 +335,16 @@ def _omniquant_tensors(name: str, m: Any) -> dict[str, torch.Tensor]:
 
 
 def _fp8_tensors(name: str, lin: nn.Linear) -> dict[str, torch.Tensor]:
-    """float-quantized: FP8 E4M3 codes of W / s, s = row absmax / 448 (0 for a zero row)."""
+    """float-quantized: FP8 E4M3 codes of W / s, s = row absmax / 448 (0 for a zero row) in
+    the model's dtype, the codes computed with that stored scale."""
     from lowbit.fast import formats
 
     w = _weight(name, lin).float()
-    scale = w.abs().amax(dim=1, keepdim=True) / 448.0  # E4M3FN's largest finite value
-    codes = formats.encode(w / torch.where(scale > 0, scale, 1.0), "e4m3fn")  # saturating
-    return {
-        f"{name}.weight": codes.view(torch.float8_e4m3fn),
-        f"{name}.weight_scale": scale.to(lin.weight.dtype),
-    }
+    amax = w.abs().amax(dim=1, keepdim=True)
+    scale = _stored_scale(name, amax / 448.0, amax, lin.weight.dtype)  # E4M3FN's largest: 448
+    s = scale.float()
+    codes = formats.encode(w / torch.where(s > 0, s, 1.0), "e4m3fn")  # saturating
+    return {f"{name}.weight": codes.view(torch.float8_e4m3fn), f"{name}.weight_scale": scale}
 
 
 def _as_int8(name: str, m: Any) -> Any:
@@ -363,7 +395,7 @@ def nvfp4_export_scale(w: torch.Tensor) -> torch.Tensor:
     thousands of SmolLM2's weights). The block scales lose under one binade of E4M3's range."""
     from lowbit.fast import formats
 
-    mantissa, exponent = torch.frexp(formats.nvfp4_global_scale(w))  # g = m · 2^e, m in [0.5, 1)
+    _, exponent = torch.frexp(formats.nvfp4_global_scale(w))  # g = m · 2^e, m in [0.5, 1)
     return torch.ldexp(torch.ones((), dtype=torch.float32), exponent - 1)
 
 
@@ -602,6 +634,10 @@ def export(
         if method == "omniquant":
             nbits, group, symmetric = _omniquant_scheme(layers)
         assert nbits is not None
+        if method in ("mxfp4", "nvfp4"):
+            # compressed-tensors decodes FP4 in bfloat16 only: a float32 or float16 model
+            # would load and then fail at its first matmul, so the folder says bfloat16
+            config_dict["dtype"] = "bfloat16"
         scheme = _ct_scheme(method, nbits, group, symmetric)
         config_dict["quantization_config"] = _quantization_config(method, scheme, dense)
 

@@ -117,7 +117,8 @@ class LowbitConfig(QuantizationConfigMixin):
         method: ``"llm_int8"``, ``"rtn"``, ``"format"``, ``"mx"`` or ``"nvfp4"``.
         threshold: LLM.int8()'s outlier threshold (``llm_int8``; default 6.0, 0 disables).
         bits: integer bits, 2..8 (``rtn``; default 4).
-        group_size: inputs per scale (``rtn``; default 128; 0 = one scale per output channel).
+        group_size: inputs per scale (``rtn``; default 128; 0 or None = one scale per output
+            channel).
         symmetric: symmetric or asymmetric (zero point) integers (``rtn``; default True).
         fmt: number format (``format``: default ``"e4m3fn"``; ``mx``: default ``"e2m1"``).
         block: MX block size (``mx``; default 32).
@@ -142,7 +143,7 @@ class LowbitConfig(QuantizationConfigMixin):
         method: str,
         threshold: float | None = None,
         bits: int | None = None,
-        group_size: int | None = None,
+        group_size: int | None | str = "default",
         symmetric: bool | None = None,
         fmt: str | None = None,
         block: int | None = None,
@@ -162,10 +163,12 @@ class LowbitConfig(QuantizationConfigMixin):
             )
         if method not in METHODS:
             raise ValueError(f"LowbitConfig: method={method!r} is unknown; use one of {METHODS}")
+        if group_size is None:  # as everywhere in lowbit: one scale per output channel
+            group_size = 0
         given = dict(
             threshold=threshold,
             bits=bits,
-            group_size=group_size,
+            group_size=None if group_size == "default" else group_size,
             symmetric=symmetric,
             fmt=fmt,
             block=block,
