@@ -75,7 +75,9 @@ def test_four_bit_codes_go_low_nibble_first():
 
 
 @pytest.mark.parametrize(
-    "bits, group_size", [(4, 32), (4, None), (8, None), (8, 32), (3, 32)], ids=str
+    "bits, group_size",
+    [(4, 32), (4, None), (8, None), (8, 32), (3, 32), (2, 32), (5, None)],
+    ids=str,
 )
 def test_symmetric_pack_quantized_loads_bit_exact(tmp_path, bits, group_size):
     model = tiny_llama()
