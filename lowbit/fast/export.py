@@ -58,7 +58,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from lowbit.fast import _io, uniform
+from lowbit.fast import _io, formats, uniform
 
 __all__ = ["FORMATS", "METHODS", "COMPRESSED_TENSORS_VERSION", "pack_rows", "check_out_dir"]
 __all__ += ["check_options", "export", "nvfp4_export_scale"]
@@ -206,8 +206,9 @@ def _kept(name: str, ignore: Sequence[str]) -> bool:
 def _layers(model: nn.Module, method: str, format: str, ignore: Sequence[str]) -> dict[str, Any]:
     """The layers written quantized, by name: the ``nn.Linear``s not ignored, quantized by
     ``method``, and the lowbit modules that the method exports as they are (``Linear8bitLt``
-    for llm_int8, ``OmniQuantLinear`` for omniquant, whose plain linears stay dense). Any other
-    lowbit module is refused: its quantization is not the method's."""
+    for llm_int8, ``OmniQuantLinear`` for omniquant, whose plain linears stay dense). Refused:
+    any other lowbit module (its quantization is not the method's), and a linear whose weight is
+    tied to another tensor (the file would hold one quantized, one float copy)."""
     from lowbit.fast.nn import Linear8bitLt, QuantizedLinear
     from lowbit.fast.nn.omniquant import OmniQuantLinear
 
@@ -278,11 +279,11 @@ def _pack_codes(
     return tensors
 
 
-def _stored_scale(name: str, scale: torch.Tensor, amax: torch.Tensor, dtype: torch.dtype):
+def _stored_scale(name: str, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``scale`` rounded to the model's ``dtype``, where the file keeps it (float32 for
-    float64 models); a one-line error where a nonzero row or group's scale would round to 0."""
+    float64 models); a one-line error where a nonzero scale would round to 0."""
     stored = scale.to(torch.float32 if dtype == torch.float64 else dtype)
-    if bool(((stored == 0) & (amax > 0)).any()):
+    if bool(((stored == 0) & (scale > 0)).any()):
         raise ValueError(
             f"layer {name!r} has weights so small that their scale underflows {stored.dtype}: "
             "export the model in float32 (model.float())"
@@ -301,7 +302,7 @@ def _rtn_tensors(
     granularity = "channel" if group_size is None else "group"
     options: dict[str, Any] = dict(granularity=granularity, group_size=group_size)
     codes, scale, zero = uniform.encode(w, bits, symmetric=symmetric, **options)
-    stored = _stored_scale(name, scale, scale, w.dtype)
+    stored = _stored_scale(name, scale, w.dtype)
     if stored.dtype != scale.dtype:
         codes, _, zero = uniform.encode(
             w, bits, symmetric=symmetric, scale=stored.float(), zero_point=zero, **options
@@ -337,11 +338,9 @@ def _omniquant_tensors(name: str, m: Any) -> dict[str, torch.Tensor]:
 def _fp8_tensors(name: str, lin: nn.Linear) -> dict[str, torch.Tensor]:
     """float-quantized: FP8 E4M3 codes of W / s, s = row absmax / 448 (0 for a zero row) in
     the model's dtype, the codes computed with that stored scale."""
-    from lowbit.fast import formats
-
     w = _weight(name, lin).float()
     amax = w.abs().amax(dim=1, keepdim=True)
-    scale = _stored_scale(name, amax / 448.0, amax, lin.weight.dtype)  # E4M3FN's largest: 448
+    scale = _stored_scale(name, amax / 448.0, lin.weight.dtype)  # E4M3FN's largest: 448
     s = scale.float()
     codes = formats.encode(w / torch.where(s > 0, s, 1.0), "e4m3fn")  # saturating
     return {f"{name}.weight": codes.view(torch.float8_e4m3fn), f"{name}.weight_scale": scale}
@@ -379,8 +378,6 @@ def _fp4_nibbles(codes: torch.Tensor) -> torch.Tensor:
 def _mxfp4_tensors(name: str, lin: nn.Linear) -> dict[str, torch.Tensor]:
     """mxfp4-pack-quantized: OCP MXFP4 (E2M1 elements, one E8M0 scale per 32 inputs),
     ``lowbit.fast.formats.encode_mx`` bit for bit."""
-    from lowbit.fast import formats
-
     fix = "MXFP4 blocks hold 32 inputs (use method rtn for such layers, or ignore them)"
     codes, scales = formats.encode_mx(_weight(name, lin, 32, fix).float(), "e2m1", 32)
     return {f"{name}.weight_packed": _fp4_nibbles(codes), f"{name}.weight_scale": scales}
@@ -391,10 +388,9 @@ def nvfp4_export_scale(w: torch.Tensor) -> torch.Tensor:
     amax (``formats.nvfp4_global_scale``) rounded down to a power of two. Then every weight,
     e2m1 · scale / g with at most 6 significant bits, is exact in bfloat16 and float16: each
     loader decodes the same number whatever its order of operations (with 2688 / amax itself,
-    compressed-tensors' bfloat16 decode and a correctly rounded one differ by an ulp in
-    thousands of SmolLM2's weights). The block scales lose under one binade of E4M3's range."""
-    from lowbit.fast import formats
-
+    compressed-tensors' bfloat16 decode and lowbit's, float64 to float32 to bfloat16, differ by
+    one ulp in thousands of SmolLM2's weights). The block scales lose under one binade of
+    E4M3's range."""
     _, exponent = torch.frexp(formats.nvfp4_global_scale(w))  # g = m · 2^e, m in [0.5, 1)
     return torch.ldexp(torch.ones((), dtype=torch.float32), exponent - 1)
 
@@ -403,8 +399,6 @@ def _nvfp4_tensors(name: str, lin: nn.Linear) -> dict[str, torch.Tensor]:
     """nvfp4-pack-quantized: NVFP4 (E2M1 elements, one E4M3 scale per 16 inputs, a float32
     global scale per layer: ``nvfp4_export_scale``), ``lowbit.fast.formats.encode_nvfp4`` bit
     for bit: W = e2m1 · scale / global."""
-    from lowbit.fast import formats
-
     fix = "NVFP4 blocks hold 16 inputs (use method rtn for such layers, or ignore them)"
     w = _weight(name, lin, 16, fix).float()
     codes, scales, g = formats.encode_nvfp4(w, global_scale=nvfp4_export_scale(w))
