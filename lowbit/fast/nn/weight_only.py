@@ -104,6 +104,20 @@ class _WeightOnlyLinear(QuantizedLinear):
         shape = (self.out_features, _packed_width(self.in_features, bits))
         self.register_buffer("weight_packed", torch.zeros(shape, dtype=torch.uint8, device=device))
 
+    @classmethod
+    def _shell(cls, linear: nn.Linear, **options: Any) -> tuple[Any, torch.Tensor]:
+        """An empty module shaped like ``linear`` with ``options``, and its finite weight."""
+        w = _dense_weight(cls, linear)
+        mod = cls(
+            linear.in_features,
+            linear.out_features,
+            bias=linear.bias is not None,
+            weight_dtype=w.dtype,
+            device=w.device,
+            **options,
+        )
+        return mod, w
+
     def _store_codes(self, codes: torch.Tensor) -> None:
         self.weight_packed.copy_(formats.pack(codes, self.code_bits))
 
@@ -202,17 +216,7 @@ class RTNLinear(_WeightOnlyLinear):
         symmetric: bool = True,
     ) -> RTNLinear:
         """Quantize a trained ``nn.Linear`` with ``uniform.encode`` (round to nearest)."""
-        w = _dense_weight(cls, linear)
-        mod = cls(
-            linear.in_features,
-            linear.out_features,
-            bias=linear.bias is not None,
-            bits=bits,
-            group_size=group_size,
-            symmetric=symmetric,
-            weight_dtype=w.dtype,
-            device=w.device,
-        )
+        mod, w = cls._shell(linear, bits=bits, group_size=group_size, symmetric=symmetric)
         codes, scale, zero = uniform.encode(w, bits, symmetric=symmetric, **mod._granularity())
         offset = 2 ** (bits - 1) if symmetric else 0  # symmetric codes are signed: shift them
         mod._store_codes(codes.to(torch.int32) + offset)
@@ -286,15 +290,7 @@ class FormatLinear(_WeightOnlyLinear):
         cls, linear: nn.Linear, fmt: formats.FPFormat | formats.IntFormat | str = "e4m3fn"
     ) -> FormatLinear:
         """Quantize a trained ``nn.Linear``: row scales, then ``formats.encode``."""
-        w = _dense_weight(cls, linear)
-        mod = cls(
-            linear.in_features,
-            linear.out_features,
-            bias=linear.bias is not None,
-            fmt=fmt,
-            weight_dtype=w.dtype,
-            device=w.device,
-        )
+        mod, w = cls._shell(linear, fmt=fmt)
         ww = w.to(_work_dtype(w.dtype))
         if ww.shape[1]:
             scale = ww.abs().amax(dim=1, keepdim=True) / mod.fmt.max_value  # (out, 1)
@@ -360,16 +356,7 @@ class MXLinear(_WeightOnlyLinear):
         cls, linear: nn.Linear, fmt: formats.FPFormat | str = "e2m1", block: int = 32
     ) -> MXLinear:
         """Quantize a trained ``nn.Linear`` with ``formats.encode_mx`` along ``in_features``."""
-        w = _dense_weight(cls, linear)
-        mod = cls(
-            linear.in_features,
-            linear.out_features,
-            bias=linear.bias is not None,
-            fmt=fmt,
-            block=block,
-            weight_dtype=w.dtype,
-            device=w.device,
-        )
+        mod, w = cls._shell(linear, fmt=fmt, block=block)
         codes, scales = formats.encode_mx(w, mod.fmt, block)
         if bool((scales == formats.E8M0FNU.nan_code).any()):
             raise ValueError(
@@ -431,14 +418,7 @@ class NVFP4Linear(_WeightOnlyLinear):
     @classmethod
     def from_linear(cls, linear: nn.Linear) -> NVFP4Linear:
         """Quantize a trained ``nn.Linear`` with ``formats.encode_nvfp4`` (1 x 16 blocks)."""
-        w = _dense_weight(cls, linear)
-        mod = cls(
-            linear.in_features,
-            linear.out_features,
-            bias=linear.bias is not None,
-            weight_dtype=w.dtype,
-            device=w.device,
-        )
+        mod, w = cls._shell(linear)
         codes, scales, g = formats.encode_nvfp4(w)
         if bool(((scales & 0x7F) == formats.E4M3FN.nan_code).any()):
             raise ValueError(
