@@ -369,18 +369,13 @@ def _int8_tensors(name: str, m: Any) -> dict[str, torch.Tensor]:
     }
 
 
-def _fp4_nibbles(codes: torch.Tensor) -> torch.Tensor:
-    """E2M1 codes (out, in) as bytes (out, in / 2): element 2i in the low nibble."""
-    c = codes.to(torch.uint8)
-    return (c[:, 0::2] | (c[:, 1::2] << 4)).contiguous()
-
-
 def _mxfp4_tensors(name: str, lin: nn.Linear) -> dict[str, torch.Tensor]:
     """mxfp4-pack-quantized: OCP MXFP4 (E2M1 elements, one E8M0 scale per 32 inputs),
     ``lowbit.fast.formats.encode_mx`` bit for bit."""
     fix = "MXFP4 blocks hold 32 inputs (use method rtn for such layers, or ignore them)"
     codes, scales = formats.encode_mx(_weight(name, lin, 32, fix).float(), "e2m1", 32)
-    return {f"{name}.weight_packed": _fp4_nibbles(codes), f"{name}.weight_scale": scales}
+    # formats.pack's 4-bit layout is the format's: element 2i in the low nibble
+    return {f"{name}.weight_packed": formats.pack(codes, 4), f"{name}.weight_scale": scales}
 
 
 def nvfp4_export_scale(w: torch.Tensor) -> torch.Tensor:
@@ -403,7 +398,7 @@ def _nvfp4_tensors(name: str, lin: nn.Linear) -> dict[str, torch.Tensor]:
     w = _weight(name, lin, 16, fix).float()
     codes, scales, g = formats.encode_nvfp4(w, global_scale=nvfp4_export_scale(w))
     return {
-        f"{name}.weight_packed": _fp4_nibbles(codes),
+        f"{name}.weight_packed": formats.pack(codes, 4),
         f"{name}.weight_scale": scales.view(torch.float8_e4m3fn),
         f"{name}.weight_global_scale": g.reshape(1),
     }

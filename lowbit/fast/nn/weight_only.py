@@ -30,7 +30,6 @@ These modules back the ``rtn``, ``format``, ``mx`` and ``nvfp4`` methods of
 
 from __future__ import annotations
 
-import math
 from typing import Any
 
 import torch
@@ -50,8 +49,8 @@ def _work_dtype(weight_dtype: torch.dtype) -> torch.dtype:
 
 def _packed_width(n: int, bits: int) -> int:
     """Bytes per row that ``formats.pack`` writes for ``n`` codes of ``bits`` bits."""
-    per_group = math.lcm(bits, 8) // bits  # codes per whole-byte group
-    return -(-n // per_group) * (per_group * bits // 8)
+    per_group, group_bytes = formats._group(bits)  # whole groups of codes fill whole bytes
+    return -(-n // per_group) * group_bytes
 
 
 def _dense_weight(cls: type, linear: nn.Linear) -> torch.Tensor:
